@@ -1,0 +1,243 @@
+"""On-disk layout of a run: paths, ``step_<N>`` parsing, inventory and completeness.
+
+Layout (see ``shared/DESIGN.md``)::
+
+    <output_dir>/
+    ├── checkpoints/step_<N>/trainer/         DCP dir: .metadata + __<rank>_<n>.distcp
+    ├── checkpoints/step_<N>/orchestrator.pt  orchestrator progress record
+    └── weights/step_<N>/                     model.safetensors + config.json, then COMPLETE
+
+Rules kept here and nowhere else:
+
+* a step directory is named ``step_<int>`` with a canonical integer (``step_10``, never
+  ``step_010``); anything else under ``checkpoints/`` or ``weights/`` is not ours and is never
+  listed as a step;
+* steps are ordered by the integer, never by string or mtime;
+* a part is *complete* only when its last-written file exists: ``trainer/.metadata`` (DCP writes
+  it atomically after every rank's data is fsync'd), ``orchestrator.pt`` (written by atomic
+  rename) and ``weights/step_<N>/COMPLETE`` (written last, after the data is fsync'd).
+
+This module only reads the file system; it never writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+WEIGHTS_DIR = "weights"
+TRAINER_PART = "trainer"
+ORCHESTRATOR_PART = "orchestrator"
+ORCHESTRATOR_FILE = "orchestrator.pt"
+DCP_METADATA_FILE = ".metadata"
+WEIGHTS_MARKER = "COMPLETE"
+
+#: The parts a full run (trainer + orchestrator) writes for each checkpoint step.
+RUN_PARTS: tuple[str, ...] = (TRAINER_PART, ORCHESTRATOR_PART)
+
+_STEP_RE = re.compile(r"^step_(0|[1-9][0-9]*)$")
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """A requested checkpoint step is missing or incomplete (message lists what exists)."""
+
+
+def parse_step(name: str) -> int | None:
+    """Return N for a directory name ``step_<N>``, else ``None``.
+
+    Only canonical integers count: ``step_10`` -> 10, while ``step_010``, ``step_-1``,
+    ``step_10.tmp`` and ``latest`` -> ``None`` (not ours, never touched).
+    """
+    match = _STEP_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def step_dirname(step: int) -> str:
+    """``step_<step>``; raises ``ValueError`` for a negative step."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return f"step_{step}"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Paths of one run's output directory (pure: builds paths, touches nothing)."""
+
+    output_dir: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "output_dir", Path(self.output_dir))
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.output_dir / CHECKPOINTS_DIR
+
+    @property
+    def weights_dir(self) -> Path:
+        return self.output_dir / WEIGHTS_DIR
+
+    def step_dir(self, step: int) -> Path:
+        """``checkpoints/step_<step>``."""
+        return self.checkpoints_dir / step_dirname(step)
+
+    def trainer_dir(self, step: int) -> Path:
+        """``checkpoints/step_<step>/trainer`` (a DCP checkpoint directory)."""
+        return self.step_dir(step) / TRAINER_PART
+
+    def orchestrator_path(self, step: int) -> Path:
+        """``checkpoints/step_<step>/orchestrator.pt``."""
+        return self.step_dir(step) / ORCHESTRATOR_FILE
+
+    def weights_step_dir(self, step: int) -> Path:
+        """``weights/step_<step>``."""
+        return self.weights_dir / step_dirname(step)
+
+
+def trainer_part_complete(trainer_dir: Path) -> bool:
+    """True iff the DCP directory has its ``.metadata`` (written last, atomically)."""
+    return (Path(trainer_dir) / DCP_METADATA_FILE).is_file()
+
+
+def orchestrator_part_complete(path: Path) -> bool:
+    """True iff ``orchestrator.pt`` exists (it only ever appears by atomic rename)."""
+    return Path(path).is_file()
+
+
+def weights_complete(weights_step_dir: Path) -> bool:
+    """True iff ``weights/step_<N>/COMPLETE`` exists (written after the data is durable)."""
+    return (Path(weights_step_dir) / WEIGHTS_MARKER).is_file()
+
+
+@dataclass(frozen=True)
+class CheckpointStep:
+    """One ``checkpoints/step_<N>`` directory as found on disk.
+
+    ``parts`` maps part name (``"trainer"``, ``"orchestrator"``) to whether it is complete;
+    a part that is absent maps to ``False``; ``present`` lists the parts that exist at all.
+    """
+
+    step: int
+    path: Path
+    parts: dict[str, bool] = field(default_factory=dict)
+    present: tuple[str, ...] = ()
+
+    def complete(self, parts: tuple[str, ...] = RUN_PARTS) -> bool:
+        """True iff every part in ``parts`` is complete."""
+        return all(self.parts.get(p, False) for p in parts)
+
+
+@dataclass(frozen=True)
+class WeightsStep:
+    """One ``weights/step_<N>`` directory as found on disk."""
+
+    step: int
+    path: Path
+    complete: bool
+
+
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in os.scandir(root):
+        step = parse_step(entry.name)
+        if step is not None and entry.is_dir(follow_symlinks=False):
+            found.append((step, Path(entry.path)))
+    return sorted(found)
+
+
+def scan_checkpoints(output_dir: Path | str) -> list[CheckpointStep]:
+    """Inventory of ``<output_dir>/checkpoints/step_*``, ordered by step (integer order).
+
+    Names that are not ``step_<int>`` are skipped. A missing ``checkpoints/`` gives ``[]``.
+    """
+    layout = RunLayout(Path(output_dir))
+    result = []
+    for step, path in _step_dirs(layout.checkpoints_dir):
+        trainer_dir = path / TRAINER_PART
+        orch = path / ORCHESTRATOR_FILE
+        present = tuple(
+            name
+            for name, exists in ((TRAINER_PART, trainer_dir.exists()), (ORCHESTRATOR_PART, orch.exists()))
+            if exists
+        )
+        parts = {
+            TRAINER_PART: trainer_part_complete(trainer_dir),
+            ORCHESTRATOR_PART: orchestrator_part_complete(orch),
+        }
+        result.append(CheckpointStep(step=step, path=path, parts=parts, present=present))
+    return result
+
+
+def scan_weights(output_dir: Path | str) -> list[WeightsStep]:
+    """Inventory of ``<output_dir>/weights/step_*``, ordered by step (integer order)."""
+    layout = RunLayout(Path(output_dir))
+    return [
+        WeightsStep(step=step, path=path, complete=weights_complete(path))
+        for step, path in _step_dirs(layout.weights_dir)
+    ]
+
+
+def latest_complete_step(output_dir: Path | str, parts: tuple[str, ...] = RUN_PARTS) -> int | None:
+    """The highest step whose every part in ``parts`` is complete, or ``None``."""
+    complete = [c.step for c in scan_checkpoints(output_dir) if c.complete(parts)]
+    return max(complete) if complete else None
+
+
+def _describe(steps: list[CheckpointStep], parts: tuple[str, ...]) -> str:
+    if not steps:
+        return "no checkpoint steps on disk"
+    described = []
+    for c in steps:
+        missing = [p for p in parts if not c.parts.get(p, False)]
+        described.append(f"{c.step}" + (f" (incomplete: {', '.join(missing)})" if missing else ""))
+    return "steps on disk: " + ", ".join(described)
+
+
+def resolve_resume_step(
+    output_dir: Path | str, resume_step: int | None, parts: tuple[str, ...] = RUN_PARTS
+) -> int | None:
+    """Turn ``--ckpt.resume-step`` into the step to load, or ``None`` to start fresh.
+
+    * ``None``: start fresh (returns ``None``).
+    * ``-1``: the newest step whose every part in ``parts`` is complete; with none on disk,
+      logs that the run starts fresh and returns ``None``.
+    * ``N >= 0``: N itself, if every part in ``parts`` is complete.
+
+    Raises:
+        CheckpointNotFoundError: an explicit step is missing or incomplete; the message names
+            the path and lists the steps that exist (and which parts they lack).
+        ValueError: ``resume_step < -1``.
+    """
+    if resume_step is None:
+        return None
+    if resume_step < -1:
+        raise ValueError(f"--ckpt.resume-step must be -1 (latest) or a step >= 0, got {resume_step}")
+    steps = scan_checkpoints(output_dir)
+    if resume_step == -1:
+        complete = [c.step for c in steps if c.complete(parts)]
+        if not complete:
+            logger.info(
+                "--ckpt.resume-step -1: no complete checkpoint under %s (%s); starting fresh",
+                RunLayout(Path(output_dir)).checkpoints_dir,
+                _describe(steps, parts),
+            )
+            return None
+        return max(complete)
+    match = [c for c in steps if c.step == resume_step]
+    path = RunLayout(Path(output_dir)).step_dir(resume_step)
+    if not match:
+        raise CheckpointNotFoundError(f"{path}: no such checkpoint step; {_describe(steps, parts)}")
+    if not match[0].complete(parts):
+        missing = [p for p in parts if not match[0].parts.get(p, False)]
+        raise CheckpointNotFoundError(
+            f"{path}: checkpoint step is incomplete (missing or unfinished: {', '.join(missing)}); "
+            f"{_describe(steps, parts)}"
+        )
+    return resume_step

@@ -1,0 +1,461 @@
+"""Trainer checkpointing: the ``Stateful`` app state, DCP save/load and the async lifecycle.
+
+``checkpoints/step_<N>/trainer/`` is a DCP directory (``.metadata`` + one ``__<rank>_<n>.distcp``
+per rank). What is saved, under these top-level keys of the DCP state dict::
+
+    app.model          FSDP2 / DTensor model state dict (sharded; get_state_dict)
+    app.optimizer      state of every optimizer (sharded; get_state_dict)
+    app.scheduler      LR scheduler state dict (replicated: same on every rank)
+    app.progress       {"step", "total_samples", "total_tokens"} (replicated)
+    app.rank_state.rank_<r>  per-rank RNG (torch CPU/CUDA, Python random, NumPy) and dataloader
+                             state. Keyed per rank on purpose: DCP keeps one copy of a plain
+                             value saved under the same key by every rank, so an un-keyed RNG
+                             state would silently come back as rank 0's on every rank.
+
+Lifecycle (``--ckpt.save-async``): :meth:`Checkpointer.save` returns once the state is staged
+(copied into reused CPU buffers), the write runs in the background on a dedicated gloo process
+group; :meth:`Checkpointer.wait` blocks until it is durable and raises its error;
+:meth:`Checkpointer.close` waits for the last save. A second save first waits for the first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.tensor import DTensor
+
+from prime_ckpt.config import CheckpointConfig
+from prime_ckpt.layout import TRAINER_PART, RunLayout, resolve_resume_step
+from prime_ckpt.storage import atomic_write_bytes, remove_tree
+
+logger = logging.getLogger(__name__)
+
+SAVE_INFO_FILE = "save_info.json"
+APP_KEY = "app"
+
+
+class StatefulLike(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Progress:
+    """Training progress: ``step`` (optimizer steps done), ``total_samples``, ``total_tokens``."""
+
+    step: int = 0
+    total_samples: int = 0
+    total_tokens: int = 0
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def get_rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and plain values (safe for ``weights_only`` loads).
+
+    Keys: ``torch_cpu`` (uint8 tensor), ``torch_cuda`` (uint8 tensor [n_devices, S], only when
+    CUDA is available), ``python_state`` (int64 tensor [625]), ``python_version``,
+    ``python_gauss``, ``numpy_keys`` (int64 tensor [624]), ``numpy_pos``, ``numpy_has_gauss``,
+    ``numpy_gauss``.
+    """
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "torch_cpu": torch.get_rng_state(),
+        "python_version": int(py_version),
+        "python_state": torch.tensor(py_state, dtype=torch.int64),
+        "python_gauss": py_gauss,
+        "numpy_keys": torch.from_numpy(np_keys.astype(np.int64)),
+        "numpy_pos": int(np_pos),
+        "numpy_has_gauss": int(np_has_gauss),
+        "numpy_gauss": float(np_gauss),
+    }
+    if torch.cuda.is_available():
+        state["torch_cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`get_rng_state` returned."""
+    torch.set_rng_state(state["torch_cpu"].to(torch.uint8).cpu())
+    random.setstate(
+        (int(state["python_version"]), tuple(int(x) for x in state["python_state"].tolist()), state["python_gauss"])
+    )
+    np.random.set_state(
+        (
+            "MT19937",
+            state["numpy_keys"].numpy().astype(np.uint32),
+            int(state["numpy_pos"]),
+            int(state["numpy_has_gauss"]),
+            float(state["numpy_gauss"]),
+        )
+    )
+    if "torch_cuda" in state and torch.cuda.is_available():
+        cuda_states = list(state["torch_cuda"].cpu())
+        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+
+
+class TrainerState(Stateful):
+    """Everything a trainer rank needs to resume, as one DCP ``Stateful``.
+
+    Args:
+        model: the (FSDP2-sharded or plain) model.
+        optimizers: one optimizer or a list of them.
+        scheduler: an LR scheduler (anything with ``state_dict``/``load_state_dict``) or None.
+        progress: :class:`Progress`, updated in place on load.
+        dataloader: per-rank data position (anything with ``state_dict``/``load_state_dict``)
+            or None.
+
+    ``state_dict()`` returns references to live tensors (sharded DTensors stay sharded);
+    ``load_state_dict()`` updates the live objects in place via ``set_state_dict``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizers: torch.optim.Optimizer | list[torch.optim.Optimizer],
+        scheduler: StatefulLike | None = None,
+        progress: Progress | None = None,
+        dataloader: StatefulLike | None = None,
+    ) -> None:
+        self.model = model
+        self.optimizers = list(optimizers) if isinstance(optimizers, (list, tuple)) else [optimizers]
+        self.scheduler = scheduler
+        self.progress = progress if progress is not None else Progress()
+        self.dataloader = dataloader
+        #: keys missing from the checkpoint at the last load (e.g. another world size's rank state)
+        self.missing_rank_state = False
+
+    def _rank_key(self) -> str:
+        return f"rank_{_rank()}"
+
+    def state_dict(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizers)
+        rank_state: dict[str, Any] = {"rng": get_rng_state()}
+        if self.dataloader is not None:
+            rank_state["dataloader"] = self.dataloader.state_dict()
+        sd: dict[str, Any] = {
+            "model": model_sd,
+            "optimizer": optim_sd,
+            "progress": asdict(self.progress),
+            "rank_state": {self._rank_key(): rank_state},
+        }
+        if self.scheduler is not None:
+            sd["scheduler"] = self.scheduler.state_dict()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_state_dict(
+            self.model,
+            self.optimizers,
+            model_state_dict=state_dict["model"],
+            optim_state_dict=state_dict["optimizer"],
+        )
+        if self.scheduler is not None and "scheduler" in state_dict:
+            self.scheduler.load_state_dict(state_dict["scheduler"])
+        for k, v in state_dict["progress"].items():
+            setattr(self.progress, k, int(v))
+        rank_state = state_dict.get("rank_state", {}).get(self._rank_key())
+        if rank_state is None:
+            self.missing_rank_state = True
+            return
+        set_rng_state(rank_state["rng"])
+        if self.dataloader is not None and "dataloader" in rank_state:
+            self.dataloader.load_state_dict(rank_state["dataloader"])
+
+
+@dataclass
+class SaveRecord:
+    """Timings and sizes of one save, on this rank.
+
+    Attributes:
+        step: checkpoint step.
+        mode: ``"sync"`` or ``"async"``.
+        wait_previous_s: seconds spent waiting for the previous async save before this one (s).
+        staging_s: seconds copying the state into staging buffers (s; 0 for sync saves).
+        blocking_s: seconds the training loop was blocked by ``save()`` in total (s).
+        upload_s: seconds from the start of the write to durable (s), set when done.
+        total_s: seconds from ``save()`` call to durable (s), set when done.
+        bytes: bytes of tensor data this rank saved (local shards; bytes).
+        world_size: ranks that took part.
+        error: the error text if the save failed.
+    """
+
+    step: int
+    mode: str
+    wait_previous_s: float = 0.0
+    staging_s: float = 0.0
+    blocking_s: float = 0.0
+    upload_s: float | None = None
+    total_s: float | None = None
+    bytes: int = 0
+    world_size: int = 1
+    error: str | None = None
+    started_at: float = field(default_factory=time.time)
+
+
+def local_tensor_bytes(obj: Any) -> int:
+    """Bytes of tensor data held by this rank in a nested state dict (local shards of DTensors)."""
+    if isinstance(obj, DTensor):
+        return obj.to_local().numel() * obj.element_size()
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(local_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(local_tensor_bytes(v) for v in obj)
+    return 0
+
+
+class _TimedStager:
+    """A DCP ``AsyncStager`` that stages into CPU buffers reused across saves, and times it.
+
+    Wraps DCP's ``DefaultStager`` (synchronous staging; pinned memory only with CUDA). The
+    stager keeps one staging buffer per source storage, so the second and later saves copy into
+    memory that is already allocated and touched instead of faulting in fresh pages.
+    """
+
+    def __init__(self) -> None:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        cuda = torch.cuda.is_available()
+        self._inner = DefaultStager(
+            StagingOptions(
+                use_pinned_memory=cuda,
+                use_shared_memory=False,
+                use_async_staging=False,
+                use_non_blocking_copy=False,
+            )
+        )
+        self.last_staging_s = 0.0
+
+    @property
+    def should_synchronize_after_execute(self) -> bool:
+        return False
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        staged = self._inner.stage(state_dict)
+        self.last_staging_s = time.perf_counter() - t0
+        return staged
+
+    def synchronize_staging(self) -> None:
+        return None
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class Checkpointer:
+    """Saves and loads a :class:`TrainerState` under ``<output_dir>/checkpoints/step_<N>/trainer``.
+
+    Args:
+        output_dir: run output directory.
+        config: the ``--ckpt.*`` config (``interval``, ``save_async``, ``resume_step`` ...).
+        timeout_s: collective timeout of the dedicated save process group (seconds); a rank that
+            fails or hangs mid-save makes the others raise within this bound.
+
+    Construct on every rank (collective when ``save_async``: it creates the gloo group once).
+    """
+
+    def __init__(self, output_dir: Path | str, config: CheckpointConfig, *, timeout_s: float = 600.0) -> None:
+        self.layout = RunLayout(Path(output_dir))
+        self.config = config
+        self.records: list[SaveRecord] = []
+        self._pending: Future | None = None
+        self._pending_record: SaveRecord | None = None
+        self._pg = None
+        self._stager: _TimedStager | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+        if config.save_async:
+            if dist.is_available() and dist.is_initialized():
+                self._pg = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+            self._stager = _TimedStager()
+
+    # -- policy -----------------------------------------------------------------------------
+    def should_save(self, step: int) -> bool:
+        """True iff ``step`` is a positive multiple of ``--ckpt.interval``."""
+        return step > 0 and step % self.config.interval == 0
+
+    def resume_step(self, parts: tuple[str, ...] = (TRAINER_PART,)) -> int | None:
+        """The step to load (see :func:`prime_ckpt.layout.resolve_resume_step`), decided on
+        rank 0 and broadcast so every rank loads the same step."""
+        decision: list[Any] = [None]
+        if _rank() == 0:
+            try:
+                decision[0] = ("ok", resolve_resume_step(self.layout.output_dir, self.config.resume_step, parts))
+            except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+                decision[0] = ("error", f"{type(e).__name__}: {e}")
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast_object_list(decision, src=0)
+        status, value = decision[0]
+        if status == "error":
+            raise FileNotFoundError(value)
+        return value
+
+    # -- save -------------------------------------------------------------------------------
+    def save(self, step: int, state: TrainerState) -> SaveRecord:
+        """Save ``state`` as checkpoint ``step`` (collective: every rank calls it).
+
+        Sync mode returns once the checkpoint is durable. Async mode waits for the previous save,
+        stages the state into CPU buffers, starts the write in the background and returns; the
+        state as of this call is what gets saved (snapshot semantics).
+
+        Raises:
+            RuntimeError: after :meth:`close`.
+            Exception: the previous async save's error, if it failed.
+        """
+        if self._closed:
+            raise RuntimeError("Checkpointer.save() after close()")
+        t_call = time.perf_counter()
+        self.wait()
+        wait_prev = time.perf_counter() - t_call
+        trainer_dir = self.layout.trainer_dir(step)
+        if _rank() == 0 and trainer_dir.exists():
+            # A stale directory from an earlier run or a crashed save: never mix old and new files.
+            logger.warning("%s exists (stale or earlier save); replacing it", trainer_dir)
+            remove_tree(trainer_dir)
+        _barrier()
+        record = SaveRecord(step=step, mode="async" if self.config.save_async else "sync", world_size=_world_size())
+        record.wait_previous_s = wait_prev
+        sd = {APP_KEY: state.state_dict()}
+        record.bytes = local_tensor_bytes(sd)
+        if not self.config.save_async:
+            t0 = time.perf_counter()
+            dcp.save(sd, checkpoint_id=str(trainer_dir))
+            record.upload_s = time.perf_counter() - t0
+            record.blocking_s = time.perf_counter() - t_call
+            record.total_s = record.blocking_s
+            self._finish(record)
+            return record
+        assert self._stager is not None
+        t0 = time.perf_counter()
+        result = dcp.async_save(
+            sd, checkpoint_id=str(trainer_dir), process_group=self._pg, async_stager=self._stager
+        )
+        upload: Future = result.upload_completion if hasattr(result, "upload_completion") else result
+        record.staging_s = self._stager.last_staging_s
+        t_staged = time.perf_counter()
+        record.blocking_s = t_staged - t_call
+
+        def _done(fut: Future, record: SaveRecord = record) -> None:
+            now = time.perf_counter()
+            record.upload_s = now - t0
+            record.total_s = now - t_call
+            if fut.exception() is not None:
+                record.error = f"{type(fut.exception()).__name__}: {fut.exception()}"
+
+        upload.add_done_callback(_done)
+        with self._lock:
+            self._pending, self._pending_record = upload, record
+        self.records.append(record)
+        return record
+
+    def _finish(self, record: SaveRecord) -> None:
+        if record not in self.records:
+            self.records.append(record)
+        if _rank() == 0 and record.error is None:
+            info = asdict(record)
+            try:
+                atomic_write_bytes(
+                    self.layout.step_dir(record.step) / SAVE_INFO_FILE, json.dumps(info, indent=2).encode()
+                )
+            except OSError as e:  # informational only; the checkpoint itself is committed
+                logger.warning("could not write %s: %s", SAVE_INFO_FILE, e)
+        logger.info(
+            "checkpoint step %d (%s): blocked %.3f s (staging %.3f s), durable after %.3f s, %d bytes/rank",
+            record.step, record.mode, record.blocking_s, record.staging_s, record.total_s or 0.0, record.bytes,
+        )
+
+    def wait(self) -> SaveRecord | None:
+        """Block until the in-flight async save (if any) is durable; return its record.
+
+        Raises the save's exception (on every rank: DCP gathers write errors across ranks).
+        """
+        with self._lock:
+            pending, record = self._pending, self._pending_record
+            self._pending = self._pending_record = None
+        if pending is None:
+            return None
+        try:
+            pending.result()
+        except BaseException as e:
+            if record is not None:
+                record.error = f"{type(e).__name__}: {e}"
+            raise
+        assert record is not None
+        if record.total_s is None:  # the done-callback may not have run yet
+            record.total_s = time.perf_counter() - record.started_at
+        self._finish(record)
+        return record
+
+    def close(self) -> None:
+        """Wait for the last save, release staging buffers and the process group; raises the
+        last save's error. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.wait()
+        finally:
+            if self._stager is not None:
+                self._stager.close()
+                self._stager = None
+            if self._pg is not None:
+                dist.destroy_process_group(self._pg)
+                self._pg = None
+
+    # -- load -------------------------------------------------------------------------------
+    def load(self, step: int, state: TrainerState) -> None:
+        """Load checkpoint ``step`` into ``state`` in place (collective).
+
+        Raises:
+            FileNotFoundError: ``checkpoints/step_<step>/trainer`` is not a complete checkpoint.
+        """
+        trainer_dir = self.layout.trainer_dir(step)
+        if not (trainer_dir / ".metadata").is_file():
+            raise FileNotFoundError(f"{trainer_dir}: not a complete trainer checkpoint (no .metadata)")
+        sd = {APP_KEY: state.state_dict()}
+        from torch.distributed.checkpoint import FileSystemReader
+
+        metadata = FileSystemReader(str(trainer_dir)).read_metadata()
+        own = f"{APP_KEY}.rank_state.{state._rank_key()}"
+        if not any(k.startswith(own + ".") for k in metadata.state_dict_metadata):
+            logger.warning(
+                "%s holds no per-rank state for rank %d (saved at another world size?): "
+                "RNG and dataloader position of this rank start fresh",
+                trainer_dir, _rank(),
+            )
+            sd[APP_KEY]["rank_state"] = {}
+            state.missing_rank_state = True
+        dcp.load(sd, checkpoint_id=str(trainer_dir))
+        state.load_state_dict(sd[APP_KEY])
