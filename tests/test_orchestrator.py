@@ -1,0 +1,106 @@
+"""The orchestrator progress record: atomic writes, weights_only reads, crash safety."""
+
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from prime_ckpt.layout import RunLayout, scan_checkpoints
+from prime_ckpt.orchestrator import (
+    OrchestratorProgress,
+    ProgressRecordError,
+    load_orchestrator_checkpoint,
+    load_progress,
+    save_orchestrator_checkpoint,
+    save_progress,
+)
+
+
+def test_roundtrip_with_extra_fields(tmp_path):
+    p = OrchestratorProgress(step=30, total_tokens=1234, total_samples=96, total_problems=24, extra={"lr": 0.5, "tags": ["a", 1]})
+    path = save_orchestrator_checkpoint(tmp_path, p)
+    assert path == RunLayout(tmp_path).orchestrator_path(30)
+    assert load_orchestrator_checkpoint(tmp_path, 30) == p
+    raw = torch.load(path, weights_only=True)
+    assert raw == {"step": 30, "total_tokens": 1234, "total_samples": 96, "total_problems": 24, "extra": {"lr": 0.5, "tags": ["a", 1]}}
+    assert [c.step for c in scan_checkpoints(tmp_path)] == [30]
+    assert os.listdir(path.parent) == ["orchestrator.pt"]  # no temp file left behind
+
+
+def test_unknown_fields_are_kept_in_extra(tmp_path):
+    path = tmp_path / "orchestrator.pt"
+    torch.save({"step": 3, "total_tokens": 5, "future_field": 7}, path)
+    assert load_progress(path) == OrchestratorProgress(step=3, total_tokens=5, extra={"future_field": 7})
+
+
+def test_only_plain_values(tmp_path):
+    with pytest.raises(TypeError, match="progress.extra.t: only plain values"):
+        save_progress(tmp_path / "o.pt", OrchestratorProgress(step=1, extra={"t": torch.zeros(1)}))
+    assert not (tmp_path / "o.pt").exists()
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_bad_files_are_refused_without_executing(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    with open(evil, "wb") as f:
+        pickle.dump({"step": _Evil(marker)}, f)
+    torch.save({"step": _Evil(marker)}, tmp_path / "evil_torch.pt")
+    for bad in (evil, tmp_path / "evil_torch.pt"):
+        with pytest.raises(ProgressRecordError, match=str(bad)):
+            load_progress(bad)
+    assert not marker.exists()
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(ProgressRecordError, match="not a readable orchestrator progress record"):
+        load_progress(tmp_path / "text.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ProgressRecordError, match="not a progress record"):
+        load_progress(tmp_path / "list.pt")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_progress(tmp_path / "missing.pt")
+
+
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from prime_ckpt import storage
+    from prime_ckpt.orchestrator import OrchestratorProgress, save_progress
+    where = sys.argv[2]
+    real_replace, real_fsync = os.replace, os.fsync
+    def die(*a, **k):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if where == "before_fsync":
+        os.fsync = die
+    elif where == "before_rename":
+        os.replace = die
+    elif where == "after_rename":
+        storage.fsync_dir = die
+    save_progress(sys.argv[1], OrchestratorProgress(step=20, total_samples=2))
+    """
+)
+
+
+@pytest.mark.parametrize("where,expected_step", [("before_fsync", 10), ("before_rename", 10), ("after_rename", 20)])
+def test_kill_during_write_leaves_old_or_new_record(tmp_path, where, expected_step):
+    """SIGKILL between tmp write and rename: the old record is intact; after the rename: the new
+    one is complete. Never a partial file under the final name."""
+    path = tmp_path / "checkpoints" / "step_10" / "orchestrator.pt"
+    save_progress(path, OrchestratorProgress(step=10, total_samples=1))
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(path), where], cwd=os.getcwd(), timeout=60,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.returncode == -9
+    assert load_progress(path).step == expected_step
+    leftovers = [p.name for p in path.parent.iterdir() if p.name != "orchestrator.pt"]
+    assert all(n.startswith(".orchestrator.pt.tmp.") for n in leftovers)
+    assert [c.step for c in scan_checkpoints(tmp_path)] == [10]  # the temp file is never a step or a part
