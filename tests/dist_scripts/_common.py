@@ -51,5 +51,5 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for k in sorted(tensors):
         h.update(k.encode())
-        h.update(tensors[k].contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(tensors[k].reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
