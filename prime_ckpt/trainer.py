@@ -41,6 +41,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
 from prime_ckpt.config import CheckpointConfig
+from prime_ckpt.dcp_metadata import SafeFileSystemReader, SafeLoadPlanner, read_dcp_metadata
 from prime_ckpt.layout import TRAINER_PART, RunLayout, resolve_resume_step
 from prime_ckpt.storage import atomic_write_bytes, remove_tree
 
@@ -71,11 +72,6 @@ def _rank() -> int:
 
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def get_rng_state() -> dict[str, Any]:
@@ -205,6 +201,7 @@ class SaveRecord:
         upload_s: seconds from the start of the write to durable (s), set when done.
         total_s: seconds from ``save()`` call to durable (s), set when done.
         bytes: bytes of tensor data this rank saved (local shards; bytes).
+        total_bytes: bytes of tensor data all ranks saved together (bytes).
         world_size: ranks that took part.
         error: the error text if the save failed.
     """
@@ -217,6 +214,7 @@ class SaveRecord:
     upload_s: float | None = None
     total_s: float | None = None
     bytes: int = 0
+    total_bytes: int = 0
     world_size: int = 1
     error: str | None = None
     started_at: float = field(default_factory=time.time)
@@ -292,14 +290,22 @@ class Checkpointer:
         self.records: list[SaveRecord] = []
         self._pending: Future | None = None
         self._pending_record: SaveRecord | None = None
+        self._pending_t: tuple[float, float] = (0.0, 0.0)
         self._pg = None
         self._stager: _TimedStager | None = None
         self._closed = False
         self._lock = threading.Lock()
+        if dist.is_available() and dist.is_initialized():
+            # One dedicated gloo group for every checkpoint collective (created once): async
+            # writes never share a communicator with training, and CPU-side coordination works
+            # whatever backend (nccl) the default group uses.
+            self._pg = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
         if config.save_async:
-            if dist.is_available() and dist.is_initialized():
-                self._pg = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
             self._stager = _TimedStager()
+
+    def _barrier(self) -> None:
+        if self._pg is not None:
+            dist.barrier(group=self._pg)
 
     # -- policy -----------------------------------------------------------------------------
     def should_save(self, step: int) -> bool:
@@ -315,8 +321,8 @@ class Checkpointer:
                 decision[0] = ("ok", resolve_resume_step(self.layout.output_dir, self.config.resume_step, parts))
             except Exception as e:  # noqa: BLE001 - re-raised on every rank below
                 decision[0] = ("error", f"{type(e).__name__}: {e}")
-        if dist.is_available() and dist.is_initialized():
-            dist.broadcast_object_list(decision, src=0)
+        if self._pg is not None:
+            dist.broadcast_object_list(decision, src=0, group=self._pg)
         status, value = decision[0]
         if status == "error":
             raise FileNotFoundError(value)
@@ -344,14 +350,18 @@ class Checkpointer:
             # A stale directory from an earlier run or a crashed save: never mix old and new files.
             logger.warning("%s exists (stale or earlier save); replacing it", trainer_dir)
             remove_tree(trainer_dir)
-        _barrier()
+        self._barrier()
         record = SaveRecord(step=step, mode="async" if self.config.save_async else "sync", world_size=_world_size())
         record.wait_previous_s = wait_prev
         sd = {APP_KEY: state.state_dict()}
-        record.bytes = local_tensor_bytes(sd)
+        record.bytes = record.total_bytes = local_tensor_bytes(sd)
+        if dist.is_available() and dist.is_initialized():
+            total = torch.tensor([record.bytes], dtype=torch.int64)
+            dist.all_reduce(total, group=self._pg)
+            record.total_bytes = int(total.item())
         if not self.config.save_async:
             t0 = time.perf_counter()
-            dcp.save(sd, checkpoint_id=str(trainer_dir))
+            dcp.save(sd, checkpoint_id=str(trainer_dir), process_group=self._pg)
             record.upload_s = time.perf_counter() - t0
             record.blocking_s = time.perf_counter() - t_call
             record.total_s = record.blocking_s
@@ -376,7 +386,7 @@ class Checkpointer:
 
         upload.add_done_callback(_done)
         with self._lock:
-            self._pending, self._pending_record = upload, record
+            self._pending, self._pending_record, self._pending_t = upload, record, (t_call, t0)
         self.records.append(record)
         return record
 
@@ -402,7 +412,7 @@ class Checkpointer:
         Raises the save's exception (on every rank: DCP gathers write errors across ranks).
         """
         with self._lock:
-            pending, record = self._pending, self._pending_record
+            pending, record, (t_call, t0) = self._pending, self._pending_record, self._pending_t
             self._pending = self._pending_record = None
         if pending is None:
             return None
@@ -413,8 +423,9 @@ class Checkpointer:
                 record.error = f"{type(e).__name__}: {e}"
             raise
         assert record is not None
-        if record.total_s is None:  # the done-callback may not have run yet
-            record.total_s = time.perf_counter() - record.started_at
+        if record.total_s is None:  # result() can return before the done-callback ran
+            now = time.perf_counter()
+            record.upload_s, record.total_s = now - t0, now - t_call
         self._finish(record)
         return record
 
@@ -431,8 +442,14 @@ class Checkpointer:
                 self._stager.close()
                 self._stager = None
             if self._pg is not None:
-                dist.destroy_process_group(self._pg)
-                self._pg = None
+                # Every rank must be past its last collective on the save group before any rank
+                # tears it down: a rank whose upload finished first would otherwise close the
+                # connection under a peer still receiving DCP's final broadcast (gloo aborts).
+                try:
+                    dist.barrier(group=self._pg)
+                finally:
+                    dist.destroy_process_group(self._pg)
+                    self._pg = None
 
     # -- load -------------------------------------------------------------------------------
     def load(self, step: int, state: TrainerState) -> None:
@@ -445,9 +462,7 @@ class Checkpointer:
         if not (trainer_dir / ".metadata").is_file():
             raise FileNotFoundError(f"{trainer_dir}: not a complete trainer checkpoint (no .metadata)")
         sd = {APP_KEY: state.state_dict()}
-        from torch.distributed.checkpoint import FileSystemReader
-
-        metadata = FileSystemReader(str(trainer_dir)).read_metadata()
+        metadata = read_dcp_metadata(trainer_dir)
         own = f"{APP_KEY}.rank_state.{state._rank_key()}"
         if not any(k.startswith(own + ".") for k in metadata.state_dict_metadata):
             logger.warning(
@@ -457,5 +472,10 @@ class Checkpointer:
             )
             sd[APP_KEY]["rank_state"] = {}
             state.missing_rank_state = True
-        dcp.load(sd, checkpoint_id=str(trainer_dir))
+        dcp.load(
+            sd,
+            storage_reader=SafeFileSystemReader(str(trainer_dir)),
+            planner=SafeLoadPlanner(),
+            process_group=self._pg,
+        )
         state.load_state_dict(sd[APP_KEY])

@@ -1,0 +1,482 @@
+"""What is on disk at a path, read-only: the library behind ``prime-ckpt inspect``.
+
+:func:`describe` identifies what a path is and returns a structured, JSON-ready result:
+
+* a run output dir (has ``checkpoints/`` or ``weights/``), a ``checkpoints/`` dir or a
+  ``weights/`` dir -> :class:`RunListing` (steps and completeness; no tensor tables);
+* ``checkpoints/step_<N>`` -> :class:`CheckpointStepInfo` (parts, orchestrator progress record,
+  ``save_info.json``, and the trainer's tensor table);
+* ``checkpoints/step_<N>/trainer`` (any DCP dir) -> :class:`TrainerDirInfo`;
+* ``weights/step_<N>`` -> :class:`WeightsStepInfo` (files, ``config.json``, marker, tensors from
+  the safetensors header).
+
+Tensor tables come from metadata only: DCP's ``.metadata`` (read through
+:func:`prime_ckpt.dcp_metadata.read_dcp_metadata`, never plain pickle) and the safetensors
+header. No tensor data is read and nothing is written. Completeness is
+:mod:`prime_ckpt.layout`'s, so nothing incomplete is reported as complete.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex, TensorStorageMetadata
+
+from prime_ckpt.dcp_metadata import read_dcp_metadata
+from prime_ckpt.layout import (
+    CHECKPOINTS_DIR,
+    DCP_METADATA_FILE,
+    ORCHESTRATOR_FILE,
+    RUN_PARTS,
+    TRAINER_PART,
+    WEIGHTS_DIR,
+    WEIGHTS_MARKER,
+    parse_step,
+    scan_checkpoints,
+    scan_weights,
+    trainer_part_complete,
+    weights_complete,
+)
+from prime_ckpt.orchestrator import ProgressRecordError, load_progress
+from prime_ckpt.trainer import SAVE_INFO_FILE
+from prime_ckpt.weights import CONFIG_FILE, MODEL_FILE
+
+#: Version tag of the JSON that :func:`describe` results serialise to (``to_dict()``).
+SCHEMA = "prime-ckpt.inspect/1"
+
+
+_DISTCP_RE = re.compile(r"^__(\d+)_(\d+)\.distcp$")
+
+_SAFETENSORS_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+    "F64": torch.float64, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+_EXPECTED = (
+    "expected a run output dir (with checkpoints/ or weights/), a checkpoints/ or weights/ dir, "
+    "a step_<N> dir or a trainer/ DCP dir"
+)
+
+
+class InspectError(ValueError):
+    """The path is missing or not something :func:`describe` knows (one line, names the path)."""
+
+
+# -- result types ---------------------------------------------------------------------------
+@dataclass
+class TensorEntry:
+    """One tensor: fully-qualified name, global shape, dtype (``"float32"``), bytes of the global
+    tensor (numel * element size), number of stored chunks (``sharded`` iff > 1)."""
+
+    name: str
+    shape: list[int]
+    dtype: str
+    bytes: int
+    chunks: int = 1
+    sharded: bool = False
+
+
+@dataclass
+class BytesEntry:
+    """One non-tensor (pickled value) entry of a DCP checkpoint; ``stored_bytes`` is its size in
+    the data file (``None`` if the metadata does not say)."""
+
+    name: str
+    stored_bytes: int | None
+
+
+@dataclass
+class KeyTotals:
+    """Totals of one top-level key (``app.model``, ``app.optimizer`` ...)."""
+
+    tensors: int = 0
+    bytes: int = 0
+    sharded: int = 0
+    non_tensors: int = 0
+
+
+@dataclass
+class StorageFile:
+    """A ``__<rank>_<n>.distcp`` data file referenced by the metadata (``size`` from ``stat``)."""
+
+    name: str
+    rank: int | None
+    exists: bool
+    size: int | None
+
+
+@dataclass
+class TrainerPartInfo:
+    """A DCP directory. When ``complete`` is False (no ``.metadata``) the table fields are None."""
+
+    path: str
+    complete: bool
+    world_size: int | None = None
+    storage_files: list[StorageFile] | None = None
+    tensors: list[TensorEntry] | None = None
+    non_tensors: list[BytesEntry] | None = None
+    totals: dict[str, KeyTotals] | None = None
+    total_bytes: int | None = None
+
+
+@dataclass
+class StepSummary:
+    """One ``checkpoints/step_<N>`` in a listing; ``complete`` iff every part of ``RUN_PARTS``."""
+
+    step: int
+    path: str
+    complete: bool
+    parts: dict[str, bool]
+    present: list[str]
+
+
+@dataclass
+class WeightsSummary:
+    """One ``weights/step_<N>`` in a listing; ``complete`` iff its ``COMPLETE`` marker exists."""
+
+    step: int
+    path: str
+    complete: bool
+
+
+@dataclass
+class RunListing:
+    """kind ``run`` (output dir), ``checkpoints`` or ``weights`` (a listing; no tensor tables)."""
+
+    kind: str
+    path: str
+    checkpoints: list[StepSummary] | None
+    weights: list[WeightsSummary] | None
+    latest_complete_step: int | None
+    ignored: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CheckpointStepInfo:
+    """kind ``checkpoint_step``: one ``checkpoints/step_<N>``."""
+
+    kind: str
+    path: str
+    step: int | None
+    complete: bool
+    parts: dict[str, bool]
+    present: list[str]
+    save_info: dict[str, Any] | None
+    orchestrator: dict[str, Any] | None
+    trainer: TrainerPartInfo | None
+    filter: str | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainerDirInfo:
+    """kind ``trainer``: a DCP directory pointed at directly."""
+
+    kind: str
+    path: str
+    step: int | None
+    trainer: TrainerPartInfo
+    filter: str | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class WeightsStepInfo:
+    """kind ``weights_step``: one ``weights/step_<N>``."""
+
+    kind: str
+    path: str
+    step: int | None
+    complete: bool
+    files: list[dict[str, Any]]
+    config: dict[str, Any] | None
+    tensors: list[TensorEntry] | None
+    total_bytes: int | None
+    filter: str | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+Description = Union[RunListing, CheckpointStepInfo, TrainerDirInfo, WeightsStepInfo]
+
+
+def to_dict(result: Description) -> dict[str, Any]:
+    """The JSON-ready form of a :func:`describe` result, tagged with ``"schema": SCHEMA``."""
+    return {"schema": SCHEMA, **asdict(result)}
+
+
+# -- helpers --------------------------------------------------------------------------------
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def top_level_key(fqn: str) -> str:
+    """The first two dotted components (``app.model.0.weight`` -> ``app.model``)."""
+    return ".".join(fqn.split(".")[:2])
+
+
+def _matches(name: str, pattern: str | None) -> bool:
+    return pattern is None or fnmatch.fnmatchcase(name, pattern)
+
+
+def _read_json(path: Path, problems: list[str]) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        problems.append(f"{path}: not readable JSON ({type(e).__name__})")
+        return None
+    if not isinstance(value, dict):
+        problems.append(f"{path}: not a JSON object")
+        return None
+    return value
+
+
+# -- trainer (DCP) --------------------------------------------------------------------------
+def describe_trainer_part(trainer_dir: Path | str, name_filter: str | None = None) -> TrainerPartInfo:
+    """Tensor table of a DCP directory from its ``.metadata`` alone.
+
+    Returns ``complete=False`` and no table when ``.metadata`` is absent (save not finished).
+    Raises :class:`prime_ckpt.dcp_metadata.MetadataError` (or its ``UnsafeMetadataError``) when
+    ``.metadata`` exists but cannot be read safely.
+    """
+    trainer_dir = Path(trainer_dir)
+    if not trainer_part_complete(trainer_dir):
+        return TrainerPartInfo(path=str(trainer_dir), complete=False)
+    md = read_dcp_metadata(trainer_dir)
+    storage = md.storage_data if isinstance(md.storage_data, dict) else {}
+
+    files: dict[str, StorageFile] = {}
+    for info in storage.values():
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(rel, str) or rel in files:
+            continue
+        m = _DISTCP_RE.match(rel)
+        try:
+            size: int | None = os.stat(trainer_dir / rel).st_size
+        except OSError:
+            size = None
+        files[rel] = StorageFile(name=rel, rank=int(m.group(1)) if m else None, exists=size is not None, size=size)
+    ranks = {f.rank for f in files.values() if f.rank is not None}
+
+    tensors: list[TensorEntry] = []
+    non_tensors: list[BytesEntry] = []
+    totals: dict[str, KeyTotals] = {}
+    for fqn, entry in md.state_dict_metadata.items():
+        if not _matches(fqn, name_filter):
+            continue
+        key = totals.setdefault(top_level_key(fqn), KeyTotals())
+        if isinstance(entry, TensorStorageMetadata):
+            shape = [int(s) for s in entry.size]
+            dtype = entry.properties.dtype
+            nbytes = _numel(shape) * dtype.itemsize
+            chunks = len(entry.chunks)
+            tensors.append(TensorEntry(fqn, shape, dtype_name(dtype), nbytes, chunks, chunks > 1))
+            key.tensors += 1
+            key.bytes += nbytes
+            key.sharded += chunks > 1
+        elif isinstance(entry, BytesStorageMetadata):
+            info = storage.get(MetadataIndex(fqn))
+            non_tensors.append(BytesEntry(fqn, getattr(info, "length", None)))
+            key.non_tensors += 1
+    return TrainerPartInfo(
+        path=str(trainer_dir),
+        complete=True,
+        world_size=len(ranks) or None,
+        storage_files=sorted(files.values(), key=lambda f: (f.rank is None, f.rank or 0, f.name)),
+        tensors=tensors,
+        non_tensors=non_tensors,
+        totals=totals,
+        total_bytes=sum(t.bytes for t in tensors),
+    )
+
+
+def _storage_problems(trainer: TrainerPartInfo) -> list[str]:
+    return [
+        f"{trainer.path}/{f.name}: referenced by {DCP_METADATA_FILE} but missing"
+        for f in trainer.storage_files or []
+        if not f.exists
+    ]
+
+
+def describe_checkpoint_step(step_dir: Path | str, name_filter: str | None = None) -> CheckpointStepInfo:
+    """One ``checkpoints/step_<N>``: parts, progress record, save record, tensor table.
+
+    Raises:
+        InspectError: the directory has no ``trainer/`` part.
+        MetadataError: ``trainer/.metadata`` exists but cannot be read safely.
+    """
+    step_dir = Path(step_dir)
+    trainer_dir = step_dir / TRAINER_PART
+    orch_path = step_dir / ORCHESTRATOR_FILE
+    if not trainer_dir.is_dir():
+        has_orch = orch_path.is_file()
+        raise InspectError(
+            f"{step_dir}: no {TRAINER_PART}/ directory, not a trainer checkpoint "
+            f"({ORCHESTRATOR_FILE}: {'present' if has_orch else 'absent'})"
+        )
+    problems: list[str] = []
+    parts = {TRAINER_PART: trainer_part_complete(trainer_dir), "orchestrator": orch_path.is_file()}
+    present = [TRAINER_PART] + (["orchestrator"] if orch_path.exists() else [])
+    orchestrator = None
+    if orch_path.is_file():
+        try:
+            orchestrator = asdict(load_progress(orch_path))
+        except (ProgressRecordError, OSError) as e:
+            problems.append(str(e))
+    trainer = describe_trainer_part(trainer_dir, name_filter)
+    if not trainer.complete:
+        problems.append(f"{trainer_dir}: {DCP_METADATA_FILE} missing (save did not finish?)")
+    problems += _storage_problems(trainer)
+    return CheckpointStepInfo(
+        kind="checkpoint_step",
+        path=str(step_dir),
+        step=parse_step(step_dir.name),
+        complete=all(parts.get(p, False) for p in RUN_PARTS),
+        parts=parts,
+        present=present,
+        save_info=_read_json(step_dir / SAVE_INFO_FILE, problems),
+        orchestrator=orchestrator,
+        trainer=trainer,
+        filter=name_filter,
+        problems=problems,
+    )
+
+
+# -- weights --------------------------------------------------------------------------------
+def describe_weights_step(step_dir: Path | str, name_filter: str | None = None) -> WeightsStepInfo:
+    """One ``weights/step_<N>``: files, ``config.json``, marker, tensors from the safetensors
+    header (no tensor data is read)."""
+    from safetensors import safe_open
+
+    step_dir = Path(step_dir)
+    problems: list[str] = []
+    files = []
+    for entry in sorted(os.scandir(step_dir), key=lambda e: e.name):
+        if entry.is_file(follow_symlinks=False):
+            files.append({"name": entry.name, "size": entry.stat(follow_symlinks=False).st_size})
+    complete = weights_complete(step_dir)
+    if not complete:
+        problems.append(f"{step_dir}: no {WEIGHTS_MARKER} marker (weights not finished?)")
+    tensors: list[TensorEntry] | None = None
+    model = step_dir / MODEL_FILE
+    if model.is_file():
+        try:
+            tensors = []
+            with safe_open(str(model), framework="pt") as f:
+                for name in f.keys():
+                    if not _matches(name, name_filter):
+                        continue
+                    sl = f.get_slice(name)
+                    shape = [int(s) for s in sl.get_shape()]
+                    st_dtype = sl.get_dtype()
+                    dtype = _SAFETENSORS_DTYPES.get(st_dtype)
+                    nbytes = _numel(shape) * dtype.itemsize if dtype is not None else 0
+                    tensors.append(TensorEntry(name, shape, dtype_name(dtype) if dtype else st_dtype, nbytes))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own types for bad headers
+            tensors = None
+            problems.append(f"{model}: unreadable safetensors header ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    elif complete:
+        problems.append(f"{model}: missing")
+    return WeightsStepInfo(
+        kind="weights_step",
+        path=str(step_dir),
+        step=parse_step(step_dir.name),
+        complete=complete,
+        files=files,
+        config=_read_json(step_dir / CONFIG_FILE, problems),
+        tensors=tensors,
+        total_bytes=sum(t.bytes for t in tensors) if tensors is not None else None,
+        filter=name_filter,
+        problems=problems,
+    )
+
+
+# -- listings -------------------------------------------------------------------------------
+def _ignored(root: Path) -> list[str]:
+    if not root.is_dir():
+        return []
+    return sorted(f"{root.name}/{e.name}" for e in os.scandir(root) if parse_step(e.name) is None or not e.is_dir())
+
+
+def _listing(kind: str, path: Path, output_dir: Path, checkpoints: bool, weights: bool) -> RunListing:
+    steps = [
+        StepSummary(c.step, str(c.path), c.complete(RUN_PARTS), dict(c.parts), list(c.present))
+        for c in scan_checkpoints(output_dir)
+    ] if checkpoints else None  # fmt: skip
+    wsteps = [WeightsSummary(w.step, str(w.path), w.complete) for w in scan_weights(output_dir)] if weights else None
+    ignored = (_ignored(output_dir / CHECKPOINTS_DIR) if checkpoints else []) + (
+        _ignored(output_dir / WEIGHTS_DIR) if weights else []
+    )
+    complete = [s.step for s in steps or [] if s.complete]
+    return RunListing(
+        kind=kind,
+        path=str(path),
+        checkpoints=steps,
+        weights=wsteps,
+        latest_complete_step=max(complete) if complete else None,
+        ignored=ignored,
+    )
+
+
+# -- entry point ----------------------------------------------------------------------------
+def describe(path: Path | str, name_filter: str | None = None) -> Description:
+    """Identify what ``path`` is and describe it (read-only; reads metadata, never tensor data).
+
+    Args:
+        path: a run output dir, ``checkpoints/``, ``weights/``, ``checkpoints/step_<N>``,
+            ``checkpoints/step_<N>/trainer`` (or any DCP dir) or ``weights/step_<N>``.
+        name_filter: a glob (``fnmatch``, case-sensitive) on tensor/entry names; only matching
+            entries are listed and totalled. Ignored for listings.
+    Raises:
+        InspectError: ``path`` is missing, not a directory, or none of the above.
+        MetadataError: a DCP ``.metadata`` exists but cannot be read safely (its subclass
+            ``UnsafeMetadataError`` when it references a global DCP metadata never needs).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InspectError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise InspectError(f"{path}: not a directory ({_EXPECTED})")
+    step = parse_step(path.name)
+    parent = path.parent.name
+    if (path / DCP_METADATA_FILE).is_file() or (path.name == TRAINER_PART and parse_step(parent) is not None):
+        trainer = describe_trainer_part(path, name_filter)
+        problems = [] if trainer.complete else [f"{path}: {DCP_METADATA_FILE} missing (save did not finish?)"]
+        return TrainerDirInfo(
+            kind="trainer",
+            path=str(path),
+            step=parse_step(parent),
+            trainer=trainer,
+            filter=name_filter,
+            problems=problems + _storage_problems(trainer),
+        )
+    if step is not None:
+        if parent == WEIGHTS_DIR or (parent != CHECKPOINTS_DIR and (path / WEIGHTS_MARKER).exists()):
+            return describe_weights_step(path, name_filter)
+        return describe_checkpoint_step(path, name_filter)
+    if path.name == CHECKPOINTS_DIR:
+        return _listing("checkpoints", path, path.parent, checkpoints=True, weights=False)
+    if path.name == WEIGHTS_DIR:
+        return _listing("weights", path, path.parent, checkpoints=False, weights=True)
+    if (path / CHECKPOINTS_DIR).is_dir() or (path / WEIGHTS_DIR).is_dir():
+        return _listing("run", path, path, checkpoints=True, weights=True)
+    raise InspectError(f"{path}: not a checkpoint ({_EXPECTED})")
