@@ -241,3 +241,16 @@ def resolve_resume_step(
             f"{_describe(steps, parts)}"
         )
     return resume_step
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """Everything under a run's ``checkpoints/`` and ``weights/`` that parses as a step."""
+
+    checkpoints: tuple[CheckpointStep, ...] = ()
+    weights: tuple[WeightsStep, ...] = ()
+
+
+def scan_inventory(output_dir: Path | str) -> Inventory:
+    """:func:`scan_checkpoints` and :func:`scan_weights` together."""
+    return Inventory(tuple(scan_checkpoints(output_dir)), tuple(scan_weights(output_dir)))

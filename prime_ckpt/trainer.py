@@ -42,7 +42,8 @@ from torch.distributed.tensor import DTensor
 
 from prime_ckpt.config import CheckpointConfig
 from prime_ckpt.dcp_metadata import SafeFileSystemReader, SafeLoadPlanner, read_dcp_metadata
-from prime_ckpt.layout import TRAINER_PART, RunLayout, resolve_resume_step
+from prime_ckpt.layout import TRAINER_PART, RunLayout, resolve_resume_step, scan_inventory
+from prime_ckpt.retention import Plan, Pruner, RetentionPolicy, plan
 from prime_ckpt.storage import atomic_write_bytes, remove_tree
 
 logger = logging.getLogger(__name__)
@@ -284,9 +285,33 @@ class Checkpointer:
     Construct on every rank (collective when ``save_async``: it creates the gloo group once).
     """
 
-    def __init__(self, output_dir: Path | str, config: CheckpointConfig, *, timeout_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        output_dir: Path | str,
+        config: CheckpointConfig,
+        *,
+        timeout_s: float = 600.0,
+        async_level: int = 0,
+        parts: tuple[str, ...] = (TRAINER_PART,),
+        weights_interval: int | None = None,
+    ) -> None:
         self.layout = RunLayout(Path(output_dir))
         self.config = config
+        self.parts = parts
+        #: the retention policy applied after each committed save (None: ``--ckpt.keep`` unset,
+        #: nothing is ever deleted, as in the seed)
+        self.retention: RetentionPolicy | None = None
+        self._pruner: Pruner | None = None
+        if config.keep is not None:
+            self.retention = RetentionPolicy(
+                keep=config.keep,
+                keep_interval=config.keep_interval,
+                async_level=async_level,
+                weights_interval=weights_interval,
+                parts=parts,
+            )
+            if _rank() == 0:  # one decider: rank 0 alone deletes on shared storage
+                self._pruner = Pruner(self._plan)
         self.records: list[SaveRecord] = []
         self._pending: Future | None = None
         self._pending_record: SaveRecord | None = None
@@ -303,6 +328,15 @@ class Checkpointer:
         if config.save_async:
             self._stager = _TimedStager()
 
+    def _plan(self, current_step: int, in_flight: frozenset[int]) -> Plan:
+        assert self.retention is not None
+        return plan(scan_inventory(self.layout.output_dir), self.retention, current_step=current_step, in_flight=in_flight)
+
+    def _committed(self, step: int) -> None:
+        """Called on every rank once checkpoint ``step`` is durable; rank 0 queues pruning."""
+        if self._pruner is not None:
+            self._pruner.submit(step)
+
     def _barrier(self) -> None:
         if self._pg is not None:
             dist.barrier(group=self._pg)
@@ -312,13 +346,16 @@ class Checkpointer:
         """True iff ``step`` is a positive multiple of ``--ckpt.interval``."""
         return step > 0 and step % self.config.interval == 0
 
-    def resume_step(self, parts: tuple[str, ...] = (TRAINER_PART,)) -> int | None:
+    def resume_step(self, parts: tuple[str, ...] | None = None) -> int | None:
         """The step to load (see :func:`prime_ckpt.layout.resolve_resume_step`), decided on
         rank 0 and broadcast so every rank loads the same step."""
         decision: list[Any] = [None]
         if _rank() == 0:
             try:
-                decision[0] = ("ok", resolve_resume_step(self.layout.output_dir, self.config.resume_step, parts))
+                decision[0] = (
+                    "ok",
+                    resolve_resume_step(self.layout.output_dir, self.config.resume_step, parts or self.parts),
+                )
             except Exception as e:  # noqa: BLE001 - re-raised on every rank below
                 decision[0] = ("error", f"{type(e).__name__}: {e}")
         if self._pg is not None:
@@ -366,6 +403,7 @@ class Checkpointer:
             record.blocking_s = time.perf_counter() - t_call
             record.total_s = record.blocking_s
             self._finish(record)
+            self._committed(step)
             return record
         assert self._stager is not None
         t0 = time.perf_counter()
@@ -383,6 +421,10 @@ class Checkpointer:
             record.total_s = now - t_call
             if fut.exception() is not None:
                 record.error = f"{type(fut.exception()).__name__}: {fut.exception()}"
+            else:
+                # Upload completion on rank 0 means .metadata is written: the step is committed.
+                # Pruning runs on the pruner's thread; this callback only queues it.
+                self._committed(record.step)
 
         upload.add_done_callback(_done)
         with self._lock:
@@ -438,6 +480,8 @@ class Checkpointer:
         try:
             self.wait()
         finally:
+            if self._pruner is not None:
+                self._pruner.close()
             if self._stager is not None:
                 self._stager.close()
                 self._stager = None

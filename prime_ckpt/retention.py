@@ -1,0 +1,309 @@
+"""Retention: a pure planner (inventory + policy -> keep/delete with reasons) and its executor.
+
+The planner does no I/O: it takes the inventory that :func:`prime_ckpt.layout.scan_inventory`
+read and returns a :class:`Plan`. The executor (:func:`apply_plan`, :class:`Pruner`) deletes and
+decides nothing.
+
+Rules (every one that applies is recorded as a reason on the entry):
+
+Checkpoints (``checkpoints/step_<N>``):
+  * never touch a step that is in flight (being saved);
+  * always keep the newest complete step;
+  * keep the ``keep`` newest complete steps (``keep=None`` keeps all);
+  * keep multiples of ``keep_interval``;
+  * a step newer than ``current_step`` belongs to another run (a reused directory): it is kept,
+    and it neither counts towards ``keep`` nor is it "the newest" — so a fresh run never deletes
+    the checkpoint it just wrote;
+  * an incomplete step older than the newest complete one and not in flight is abandoned:
+    deleted with reason ``incomplete``; a newer incomplete step may still be being written: kept.
+
+Weights (``weights/step_<N>``), the seed's rule: resuming at checkpoint step ``x`` with async
+level ``k`` needs the weights of steps ``[x - k, x]``:
+  * keep ``[x - k, x]`` for every checkpoint step ``x`` that the plan keeps;
+  * keep the live window ``[current_step - k, current_step]`` (the orchestrator is using it);
+  * keep everything at or after the consumer's last acknowledged step (not yet loaded / in use);
+  * keep multiples of ``weights_interval`` (e.g. evaluation steps);
+  * keep steps newer than ``current_step`` (another run's); delete the rest.
+
+Names that are not ``step_<int>`` never reach the inventory, so never appear in a plan.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from prime_ckpt.layout import RUN_PARTS, Inventory
+from prime_ckpt.storage import remove_tree
+
+logger = logging.getLogger(__name__)
+
+Kind = Literal["checkpoint", "weights"]
+Action = Literal["keep", "delete"]
+
+# Reason strings (stable: they appear in `prime-ckpt plan --json`).
+IN_FLIGHT = "in flight"
+NEWEST_COMPLETE = "newest complete"
+KEEP_ALL = "keep=None keeps all"
+AHEAD_OF_CURRENT = "newer than current step (another run's)"
+INCOMPLETE = "incomplete"
+INCOMPLETE_MAYBE_WRITING = "incomplete but newer than the newest complete step (may still be written)"
+LIVE_WINDOW = "live async window"
+CONSUMER = "at or after the consumer's last acknowledged step"
+NOT_PINNED = "not pinned by any kept checkpoint or window"
+
+
+def _keep_latest(k: int) -> str:
+    return f"among the {k} newest complete"
+
+
+def _keep_interval(n: int) -> str:
+    return f"multiple of keep_interval={n}"
+
+
+def _weights_interval(n: int) -> str:
+    return f"multiple of weights_interval={n}"
+
+
+def _pinned_by(x: int, k: int) -> str:
+    return f"pinned by checkpoint step {x} (needs weights [{x - k}, {x}])"
+
+
+def _older_than_keep(k: int) -> str:
+    return f"older than the {k} newest complete"
+
+
+class RetentionConfigError(ValueError):
+    """A retention policy that is invalid or could delete what resuming needs."""
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """What to keep.
+
+    Attributes:
+        keep: keep the K newest complete checkpoint steps (K >= 1); None keeps all.
+        keep_interval: also keep checkpoint steps that are multiples of N (N >= 1); None: off.
+        async_level: k >= 0; checkpoint step x pins weights [x - k, x] (the seed's rule).
+        weights_interval: also keep weights steps that are multiples of N; None: keep only what
+            is pinned.
+        consumer_step: the last weights step the consumer (orchestrator / inference) acknowledged
+            loading; steps >= it are kept. None: unknown.
+        parts: the parts a checkpoint step must have to count as complete.
+
+    Raises:
+        RetentionConfigError: ``keep < 1``, ``keep_interval < 1``, ``async_level < 0``,
+            ``weights_interval < 1``.
+    """
+
+    keep: int | None = None
+    keep_interval: int | None = None
+    async_level: int = 0
+    weights_interval: int | None = None
+    consumer_step: int | None = None
+    parts: tuple[str, ...] = RUN_PARTS
+
+    def __post_init__(self) -> None:
+        if self.keep is not None and self.keep < 1:
+            raise RetentionConfigError(f"keep must be >= 1 (or None to keep all), got {self.keep}")
+        if self.keep_interval is not None and self.keep_interval < 1:
+            raise RetentionConfigError(f"keep_interval must be >= 1, got {self.keep_interval}")
+        if self.async_level < 0:
+            raise RetentionConfigError(f"async_level must be >= 0, got {self.async_level}")
+        if self.weights_interval is not None and self.weights_interval < 1:
+            raise RetentionConfigError(f"weights_interval must be >= 1, got {self.weights_interval}")
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One step directory and what the plan does with it.
+
+    ``path`` is the step directory, ``kind`` ``"checkpoint"`` or ``"weights"``, ``step`` the
+    integer step, ``action`` ``"keep"`` or ``"delete"``, ``reasons`` every rule that applied.
+    """
+
+    path: Path
+    kind: Kind
+    step: int
+    action: Action
+    reasons: tuple[str, ...]
+
+    def to_json(self) -> dict:
+        return {"path": str(self.path), "kind": self.kind, "step": self.step, "action": self.action, "reasons": list(self.reasons)}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A retention plan: entries ordered by (kind, step)."""
+
+    entries: tuple[PlanEntry, ...] = field(default_factory=tuple)
+
+    @property
+    def deletes(self) -> tuple[PlanEntry, ...]:
+        return tuple(e for e in self.entries if e.action == "delete")
+
+    @property
+    def keeps(self) -> tuple[PlanEntry, ...]:
+        return tuple(e for e in self.entries if e.action == "keep")
+
+    def action_for(self, kind: Kind, step: int) -> Action | None:
+        for e in self.entries:
+            if e.kind == kind and e.step == step:
+                return e.action
+        return None
+
+
+def plan(
+    inventory: Inventory,
+    policy: RetentionPolicy,
+    *,
+    current_step: int | None = None,
+    in_flight: Iterable[int] = (),
+) -> Plan:
+    """Decide keep/delete for every step directory in ``inventory`` (pure; no I/O).
+
+    Args:
+        inventory: the checkpoint and weights step directories on disk.
+        policy: the retention policy.
+        current_step: the trainer's current step; steps above it belong to another run and are
+            kept. None: the highest step in the inventory (everything counts).
+        in_flight: checkpoint steps being saved right now (never touched).
+
+    Returns:
+        A :class:`Plan`, independent of the inventory's order.
+    """
+    in_flight_set = set(in_flight)
+    ckpts = sorted(inventory.checkpoints, key=lambda c: c.step)
+    weights = sorted(inventory.weights, key=lambda w: w.step)
+    if current_step is None:
+        all_steps = [c.step for c in ckpts] + [w.step for w in weights] + list(in_flight_set)
+        current_step = max(all_steps) if all_steps else 0
+    k = policy.async_level
+
+    def complete(c) -> bool:
+        return c.complete(policy.parts) and c.step not in in_flight_set
+
+    ours = [c for c in ckpts if c.step <= current_step]
+    complete_steps = sorted((c.step for c in ours if complete(c)), reverse=True)
+    newest_complete = complete_steps[0] if complete_steps else None
+    latest_k = set(complete_steps if policy.keep is None else complete_steps[: policy.keep])
+
+    entries: list[PlanEntry] = []
+    kept_ckpt_steps: list[int] = []
+    for c in ckpts:
+        keep_reasons: list[str] = []
+        delete_reasons: list[str] = []
+        if c.step in in_flight_set:
+            keep_reasons.append(IN_FLIGHT)
+        elif c.step > current_step:
+            keep_reasons.append(AHEAD_OF_CURRENT)
+        elif complete(c):
+            if c.step == newest_complete:
+                keep_reasons.append(NEWEST_COMPLETE)
+            if c.step in latest_k:
+                keep_reasons.append(KEEP_ALL if policy.keep is None else _keep_latest(policy.keep))
+            if policy.keep_interval and c.step % policy.keep_interval == 0:
+                keep_reasons.append(_keep_interval(policy.keep_interval))
+            if not keep_reasons:
+                delete_reasons.append(_older_than_keep(policy.keep or 0))
+        else:
+            if newest_complete is not None and c.step < newest_complete:
+                delete_reasons.append(INCOMPLETE)
+            else:
+                keep_reasons.append(INCOMPLETE_MAYBE_WRITING)
+        if keep_reasons:
+            kept_ckpt_steps.append(c.step)
+            entries.append(PlanEntry(c.path, "checkpoint", c.step, "keep", tuple(keep_reasons)))
+        else:
+            entries.append(PlanEntry(c.path, "checkpoint", c.step, "delete", tuple(delete_reasons)))
+    # An in-flight step may not be on disk yet; its window is pinned all the same.
+    pinning = sorted(set(kept_ckpt_steps) | in_flight_set)
+
+    complete_weights = [w.step for w in weights if w.complete and w.step <= current_step]
+    newest_weights = max(complete_weights) if complete_weights else None
+    for w in weights:
+        reasons: list[str] = []
+        if w.step > current_step:
+            reasons.append(AHEAD_OF_CURRENT)
+        for x in pinning:
+            if x - k <= w.step <= x:
+                reasons.append(_pinned_by(x, k))
+        if current_step - k <= w.step <= current_step:
+            reasons.append(LIVE_WINDOW)
+        if policy.consumer_step is not None and w.step >= policy.consumer_step:
+            reasons.append(CONSUMER)
+        if policy.weights_interval and w.step % policy.weights_interval == 0:
+            reasons.append(_weights_interval(policy.weights_interval))
+        if not w.complete and not reasons and (newest_weights is None or w.step > newest_weights):
+            reasons.append(INCOMPLETE_MAYBE_WRITING)
+        if reasons:
+            entries.append(PlanEntry(w.path, "weights", w.step, "keep", tuple(reasons)))
+        else:
+            entries.append(PlanEntry(w.path, "weights", w.step, "delete", (INCOMPLETE,) if not w.complete else (NOT_PINNED,)))
+    entries.sort(key=lambda e: (e.kind, e.step))
+    return Plan(tuple(entries))
+
+
+@dataclass
+class ApplyResult:
+    """What :func:`apply_plan` did: paths deleted, already gone, and failures (path, error)."""
+
+    deleted: list[Path] = field(default_factory=list)
+    already_gone: list[Path] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def apply_plan(p: Plan, *, remove: Callable[[Path], bool] = remove_tree) -> ApplyResult:
+    """Delete every ``delete`` entry of ``p`` (checkpoints first, then weights).
+
+    A path that is already gone is not an error; an ``OSError`` is logged and recorded in
+    ``failed`` and the rest carries on. Decides nothing.
+    """
+    result = ApplyResult()
+    for e in sorted(p.deletes, key=lambda e: (e.kind != "checkpoint", e.step)):
+        try:
+            if remove(e.path):
+                result.deleted.append(e.path)
+                logger.info("retention: deleted %s (%s)", e.path, "; ".join(e.reasons))
+            else:
+                result.already_gone.append(e.path)
+        except OSError as err:
+            logger.warning("retention: could not delete %s: %s", e.path, err)
+            result.failed.append((e.path, f"{type(err).__name__}: {err}"))
+    return result
+
+
+class Pruner:
+    """Runs plan-and-apply on a single background thread so the training loop never waits.
+
+    Call :meth:`submit` on rank 0 only, after the save that triggered it is committed. Jobs
+    run one at a time in submission order; :meth:`close` waits for them.
+
+    Args:
+        plan_fn: builds the plan (typically scans the inventory and calls :func:`plan`).
+    """
+
+    def __init__(self, plan_fn: Callable[[int, frozenset[int]], Plan]) -> None:
+        self._plan_fn = plan_fn
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prime-ckpt-prune")
+        self._lock = threading.Lock()
+        self.results: list[ApplyResult] = []
+
+    def submit(self, current_step: int, in_flight: Iterable[int] = ()) -> Future:
+        frozen = frozenset(in_flight)
+
+        def job() -> ApplyResult:
+            result = apply_plan(self._plan_fn(current_step, frozen))
+            with self._lock:
+                self.results.append(result)
+            return result
+
+        return self._pool.submit(job)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
