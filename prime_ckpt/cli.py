@@ -254,6 +254,113 @@ def inspect_cmd(
         typer.echo(f"warning: {problem}", err=True)
 
 
+# -- plan / prune ------------------------------------------------------------------------------
+_RunDir = Annotated[str, typer.Argument(metavar="OUTPUT_DIR", help="Run output dir (holds checkpoints/ and weights/).")]
+_Keep = Annotated[Optional[int], typer.Option("--keep", min=1, help="Keep the K newest complete checkpoint steps (default: keep all).")]
+_KeepInterval = Annotated[Optional[int], typer.Option("--keep-interval", min=1, help="Also keep checkpoint steps that are multiples of N.")]
+_AsyncLevel = Annotated[int, typer.Option("--async-level", min=0, help="k: checkpoint step x pins weights [x-k, x] (the seed's rule).")]
+_CurrentStep = Annotated[
+    Optional[int],
+    typer.Option("--current-step", min=0, help="The trainer's current step; higher steps belong to another run and are kept (default: the highest step on disk)."),
+]
+_WeightsInterval = Annotated[Optional[int], typer.Option("--weights-interval", min=1, help="Also keep weights steps that are multiples of N.")]
+_ConsumerStep = Annotated[Optional[int], typer.Option("--consumer-step", min=0, help="Last weights step the inference side acknowledged; steps >= it are kept.")]
+
+
+def _plan_and_sizes(output_dir, keep, keep_interval, async_level, current_step, weights_interval, consumer_step):
+    from prime_ckpt.retention import RetentionPolicy, plan_output_dir, plan_sizes
+
+    policy = RetentionPolicy(
+        keep=keep, keep_interval=keep_interval, async_level=async_level,
+        weights_interval=weights_interval, consumer_step=consumer_step,
+    )  # fmt: skip
+    p = plan_output_dir(output_dir, policy, current_step=current_step)
+    return p, plan_sizes(p)
+
+
+def _plan_json(p, sizes) -> dict[str, Any]:
+    return {
+        "entries": [{**e.to_json(), "bytes": sizes[e.path]} for e in p.entries],
+        "bytes_freed": sum(sizes[e.path] for e in p.deletes),
+    }
+
+
+def _render_plan(p, sizes, con: Console, title: str) -> None:
+    t = Table(title=title, title_justify="left")
+    for col in ("kind", "step", "action", "bytes", "reasons"):
+        t.add_column(col, overflow="fold")
+    for e in p.entries:
+        action = "[red]delete[/]" if e.action == "delete" else "[green]keep[/]"
+        t.add_row(e.kind, str(e.step), action, _fmt_bytes(sizes[e.path]), "; ".join(e.reasons))
+    con.print(t)
+    freed = sum(sizes[e.path] for e in p.deletes)
+    con.print(f"{len(p.deletes)} to delete, {len(p.keeps)} to keep, {_fmt_bytes(freed)} freed")
+
+
+@app.command("plan")
+def plan_cmd(
+    output_dir: _RunDir,
+    keep: _Keep = None,
+    keep_interval: _KeepInterval = None,
+    async_level: _AsyncLevel = 0,
+    current_step: _CurrentStep = None,
+    weights_interval: _WeightsInterval = None,
+    consumer_step: _ConsumerStep = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Dry run of retention: every checkpoint and weights step with keep/delete and the reasons.
+
+    \b
+    Names that are not step_<int> are never listed and never deleted.
+    JSON: {"entries": [{"path", "kind": "checkpoint"|"weights", "step", "action": "keep"|"delete",
+           "reasons": [str], "bytes"}], "bytes_freed": int}
+    Exit codes: 0 planned; 2 bad path or option.
+    """
+    with user_errors():
+        p, sizes = _plan_and_sizes(output_dir, keep, keep_interval, async_level, current_step, weights_interval, consumer_step)
+    if as_json:
+        _print_json(_plan_json(p, sizes))
+        return
+    _render_plan(p, sizes, _console(), f"retention plan for {output_dir} (dry run)")
+
+
+@app.command("prune")
+def prune_cmd(
+    output_dir: _RunDir,
+    keep: _Keep = None,
+    keep_interval: _KeepInterval = None,
+    async_level: _AsyncLevel = 0,
+    current_step: _CurrentStep = None,
+    weights_interval: _WeightsInterval = None,
+    consumer_step: _ConsumerStep = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Apply the retention plan that `plan` shows (asks for confirmation unless --yes).
+
+    Do not run it on a directory a live run is writing with another policy. Deleting a path
+    that is already gone is not an error; a path that cannot be deleted is reported and the
+    rest carries on (exit 1).
+    """
+    from prime_ckpt.retention import apply_plan
+
+    with user_errors():
+        p, sizes = _plan_and_sizes(output_dir, keep, keep_interval, async_level, current_step, weights_interval, consumer_step)
+    con = _console()
+    _render_plan(p, sizes, con, f"retention plan for {output_dir}")
+    if not p.deletes:
+        con.print("nothing to delete")
+        return
+    if not yes and not typer.confirm(f"delete {len(p.deletes)} step directories?", default=False):
+        typer.echo("aborted; nothing deleted", err=True)
+        raise typer.Exit(1)
+    result = apply_plan(p)
+    con.print(f"deleted {len(result.deleted)}, already gone {len(result.already_gone)}, failed {len(result.failed)}")
+    for path, err in result.failed:
+        typer.echo(f"error: {path}: {err}", err=True)
+    if result.failed:
+        raise typer.Exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (``prime-ckpt``)."""
     app(args=argv if argv is not None else sys.argv[1:], prog_name="prime-ckpt")

@@ -34,7 +34,7 @@ from prime_ckpt.layout import (
     CHECKPOINTS_DIR,
     DCP_METADATA_FILE,
     ORCHESTRATOR_FILE,
-    RUN_PARTS,
+    detect_parts,
     TRAINER_PART,
     WEIGHTS_DIR,
     WEIGHTS_MARKER,
@@ -130,7 +130,8 @@ class TrainerPartInfo:
 
 @dataclass
 class StepSummary:
-    """One ``checkpoints/step_<N>`` in a listing; ``complete`` iff every part of ``RUN_PARTS``."""
+    """One ``checkpoints/step_<N>`` in a listing; ``complete`` iff every part the run writes is
+    (``layout.detect_parts``: a trainer-only run needs only ``trainer``)."""
 
     step: int
     path: str
@@ -350,7 +351,7 @@ def describe_checkpoint_step(step_dir: Path | str, name_filter: str | None = Non
         kind="checkpoint_step",
         path=str(step_dir),
         step=parse_step(step_dir.name),
-        complete=all(parts.get(p, False) for p in RUN_PARTS),
+        complete=all(parts.get(p, False) for p in _run_parts(step_dir.parent.parent)),
         parts=parts,
         present=present,
         save_info=_read_json(step_dir / SAVE_INFO_FILE, problems),
@@ -417,10 +418,17 @@ def _ignored(root: Path) -> list[str]:
     return sorted(f"{root.name}/{e.name}" for e in os.scandir(root) if parse_step(e.name) is None or not e.is_dir())
 
 
+def _run_parts(output_dir: Path) -> tuple[str, ...]:
+    """The parts this run writes (a trainer-only run has no orchestrator records)."""
+    return detect_parts(scan_checkpoints(output_dir))
+
+
 def _listing(kind: str, path: Path, output_dir: Path, checkpoints: bool, weights: bool) -> RunListing:
+    scanned = scan_checkpoints(output_dir) if checkpoints else []
+    parts = detect_parts(scanned)
     steps = [
-        StepSummary(c.step, str(c.path), c.complete(RUN_PARTS), dict(c.parts), list(c.present))
-        for c in scan_checkpoints(output_dir)
+        StepSummary(c.step, str(c.path), c.complete(parts), dict(c.parts), list(c.present))
+        for c in scanned
     ] if checkpoints else None  # fmt: skip
     wsteps = [WeightsSummary(w.step, str(w.path), w.complete) for w in scan_weights(output_dir)] if weights else None
     ignored = (_ignored(output_dir / CHECKPOINTS_DIR) if checkpoints else []) + (

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,3 +255,11 @@ class Inventory:
 def scan_inventory(output_dir: Path | str) -> Inventory:
     """:func:`scan_checkpoints` and :func:`scan_weights` together."""
     return Inventory(tuple(scan_checkpoints(output_dir)), tuple(scan_weights(output_dir)))
+
+
+def detect_parts(checkpoints: Iterable[CheckpointStep]) -> tuple[str, ...]:
+    """The parts a run writes, judged from what is on disk: ``("trainer", "orchestrator")`` if
+    any step holds an orchestrator record, else ``("trainer",)`` (a trainer-only run)."""
+    if any(ORCHESTRATOR_PART in c.present for c in checkpoints):
+        return RUN_PARTS
+    return (TRAINER_PART,)

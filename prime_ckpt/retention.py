@@ -30,6 +30,7 @@ Names that are not ``step_<int>`` never reach the inventory, so never appear in 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -307,3 +308,40 @@ class Pruner:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+def plan_output_dir(
+    output_dir: Path | str,
+    policy: RetentionPolicy,
+    *,
+    current_step: int | None = None,
+    in_flight: Iterable[int] = (),
+    detect: bool = True,
+) -> Plan:
+    """Scan ``output_dir`` and plan it (the I/O half of :func:`plan`).
+
+    With ``detect`` the parts a step needs to count as complete are judged from the disk
+    (:func:`prime_ckpt.layout.detect_parts`: a trainer-only run needs only ``trainer``).
+
+    Raises:
+        FileNotFoundError: ``output_dir`` does not exist or holds neither ``checkpoints/`` nor
+            ``weights/`` (message names the path).
+    """
+    from prime_ckpt.layout import RunLayout, detect_parts, scan_inventory
+
+    layout = RunLayout(Path(output_dir))
+    if not layout.output_dir.is_dir():
+        raise FileNotFoundError(f"{layout.output_dir}: no such directory")
+    if not (layout.checkpoints_dir.is_dir() or layout.weights_dir.is_dir()):
+        raise FileNotFoundError(f"{layout.output_dir}: not a run output dir (no checkpoints/ or weights/)")
+    inventory = scan_inventory(layout.output_dir)
+    if detect:
+        policy = dataclasses.replace(policy, parts=detect_parts(inventory.checkpoints))
+    return plan(inventory, policy, current_step=current_step, in_flight=in_flight)
+
+
+def plan_sizes(p: Plan) -> dict[Path, int]:
+    """Bytes on disk of every entry's directory (reads the file system)."""
+    from prime_ckpt.storage import tree_size
+
+    return {e.path: tree_size(e.path) for e in p.entries}

@@ -1,0 +1,88 @@
+"""`prime-ckpt plan` / `prime-ckpt prune` through typer's runner on a run directory on disk."""
+
+import json
+
+from typer.testing import CliRunner
+
+from prime_ckpt.cli import app
+
+runner = CliRunner()
+
+
+def make_run(root, ck_steps, w_steps, orchestrator=True):
+    for s in ck_steps:
+        t = root / "checkpoints" / f"step_{s}" / "trainer"
+        t.mkdir(parents=True)
+        (t / ".metadata").write_bytes(b"m" * 10)
+        (t / "__0_0.distcp").write_bytes(b"d" * 1000)
+        if orchestrator:
+            (t.parent / "orchestrator.pt").write_bytes(b"o" * 5)
+    for s in w_steps:
+        d = root / "weights" / f"step_{s}"
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"w" * 100)
+        (d / "COMPLETE").write_bytes(b"")
+
+
+def tree(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_plan_json_is_a_dry_run(tmp_path):
+    make_run(tmp_path, [5, 10, 15], range(8, 16))
+    (tmp_path / "checkpoints" / "step_010.bak").mkdir()
+    before = tree(tmp_path)
+    r = runner.invoke(app, ["plan", str(tmp_path), "--keep", "1", "--async-level", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    got = {(e["kind"], e["step"]): e["action"] for e in out["entries"]}
+    assert got == {
+        ("checkpoint", 5): "delete", ("checkpoint", 10): "delete", ("checkpoint", 15): "keep",
+        **{("weights", s): "delete" for s in range(8, 13)},
+        **{("weights", s): "keep" for s in range(13, 16)},
+    }  # fmt: skip
+    assert out["bytes_freed"] == 2 * (10 + 1000 + 5) + 5 * 100
+    e15 = next(e for e in out["entries"] if e["kind"] == "checkpoint" and e["step"] == 15)
+    assert e15["reasons"] == ["newest complete", "among the 1 newest complete"]
+    assert set(e15) == {"path", "kind", "step", "action", "reasons", "bytes"}
+    assert tree(tmp_path) == before  # nothing touched
+
+
+def test_plan_table(tmp_path):
+    make_run(tmp_path, [9, 10], [])
+    r = runner.invoke(app, ["plan", str(tmp_path), "--keep", "1"])
+    assert r.exit_code == 0, r.output
+    assert "older than the 1 newest complete" in r.stdout and "1 to delete, 1 to keep" in r.stdout
+
+
+def test_trainer_only_run_counts_as_complete(tmp_path):
+    make_run(tmp_path, [1, 2, 3], [], orchestrator=False)
+    r = runner.invoke(app, ["plan", str(tmp_path), "--keep", "2", "--json"])
+    assert [e["action"] for e in json.loads(r.stdout)["entries"]] == ["delete", "keep", "keep"]
+
+
+def test_prune_asks_then_deletes(tmp_path):
+    make_run(tmp_path, [1, 2, 3], [0, 1, 2, 3])
+    (tmp_path / "weights" / "notes.txt").write_text("mine")
+    r = runner.invoke(app, ["prune", str(tmp_path), "--keep", "1", "--async-level", "1"], input="n\n")
+    assert r.exit_code == 1 and "nothing deleted" in r.output
+    assert len(list((tmp_path / "checkpoints").iterdir())) == 3
+    r = runner.invoke(app, ["prune", str(tmp_path), "--keep", "1", "--async-level", "1", "--yes"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_3"]
+    assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == ["notes.txt", "step_2", "step_3"]
+    r = runner.invoke(app, ["prune", str(tmp_path), "--keep", "1", "--async-level", "1", "--yes"])
+    assert r.exit_code == 0 and "nothing to delete" in r.stdout
+
+
+def test_bad_input(tmp_path):
+    r = runner.invoke(app, ["plan", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "nope: no such directory" in r.output
+    r = runner.invoke(app, ["plan", str(tmp_path)])
+    assert r.exit_code == 2 and "not a run output dir" in r.output
+    make_run(tmp_path, [1], [])
+    r = runner.invoke(app, ["plan", str(tmp_path), "--keep", "0"])
+    assert r.exit_code == 2 and "--keep" in r.output
+    r = runner.invoke(app, ["prune", str(tmp_path), "--async-level", "-1", "--yes"])
+    assert r.exit_code == 2 and "--async-level" in r.output
+    assert (tmp_path / "checkpoints" / "step_1").is_dir()
