@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
@@ -44,6 +45,7 @@ from prime_ckpt.config import CheckpointConfig
 from prime_ckpt.dcp_metadata import SafeFileSystemReader, SafeLoadPlanner, read_dcp_metadata
 from prime_ckpt.layout import TRAINER_PART, RunLayout, resolve_resume_step, scan_inventory
 from prime_ckpt.retention import Plan, Pruner, RetentionPolicy, plan
+from prime_ckpt.staging import ReusedBufferStager
 from prime_ckpt.storage import atomic_write_bytes, remove_tree
 
 logger = logging.getLogger(__name__)
@@ -234,45 +236,6 @@ def local_tensor_bytes(obj: Any) -> int:
     return 0
 
 
-class _TimedStager:
-    """A DCP ``AsyncStager`` that stages into CPU buffers reused across saves, and times it.
-
-    Wraps DCP's ``DefaultStager`` (synchronous staging; pinned memory only with CUDA). The
-    stager keeps one staging buffer per source storage, so the second and later saves copy into
-    memory that is already allocated and touched instead of faulting in fresh pages.
-    """
-
-    def __init__(self) -> None:
-        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
-        cuda = torch.cuda.is_available()
-        self._inner = DefaultStager(
-            StagingOptions(
-                use_pinned_memory=cuda,
-                use_shared_memory=False,
-                use_async_staging=False,
-                use_non_blocking_copy=False,
-            )
-        )
-        self.last_staging_s = 0.0
-
-    @property
-    def should_synchronize_after_execute(self) -> bool:
-        return False
-
-    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        staged = self._inner.stage(state_dict)
-        self.last_staging_s = time.perf_counter() - t0
-        return staged
-
-    def synchronize_staging(self) -> None:
-        return None
-
-    def close(self) -> None:
-        self._inner.close()
-
-
 class Checkpointer:
     """Saves and loads a :class:`TrainerState` under ``<output_dir>/checkpoints/step_<N>/trainer``.
 
@@ -281,6 +244,11 @@ class Checkpointer:
         config: the ``--ckpt.*`` config (``interval``, ``save_async``, ``resume_step`` ...).
         timeout_s: collective timeout of the dedicated save process group (seconds); a rank that
             fails or hangs mid-save makes the others raise within this bound.
+        async_level: k for retention: checkpoint step x pins weights [x - k, x].
+        parts: the parts a step needs to count as complete (``("trainer", "orchestrator")`` for
+            an async-RL run; a trainer-only run needs only ``"trainer"``).
+        weights_interval: retention also keeps weights steps that are multiples of N.
+        async_mode: ``"thread"`` (default) or ``"process"`` for ``dcp.async_save``.
 
     Construct on every rank (collective when ``save_async``: it creates the gloo group once).
     """
@@ -294,7 +262,11 @@ class Checkpointer:
         async_level: int = 0,
         parts: tuple[str, ...] = (TRAINER_PART,),
         weights_interval: int | None = None,
+        async_mode: str = "thread",
     ) -> None:
+        if async_mode not in ("thread", "process"):
+            raise ValueError(f"async_mode must be 'thread' or 'process', got {async_mode!r}")
+        self.async_mode = async_mode
         self.layout = RunLayout(Path(output_dir))
         self.config = config
         self.parts = parts
@@ -317,7 +289,7 @@ class Checkpointer:
         self._pending_record: SaveRecord | None = None
         self._pending_t: tuple[float, float] = (0.0, 0.0)
         self._pg = None
-        self._stager: _TimedStager | None = None
+        self._stager: ReusedBufferStager | None = None
         self._closed = False
         self._lock = threading.Lock()
         if dist.is_available() and dist.is_initialized():
@@ -326,7 +298,7 @@ class Checkpointer:
             # whatever backend (nccl) the default group uses.
             self._pg = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
         if config.save_async:
-            self._stager = _TimedStager()
+            self._stager = ReusedBufferStager()
 
     def _plan(self, current_step: int, in_flight: frozenset[int]) -> Plan:
         assert self.retention is not None
@@ -408,7 +380,11 @@ class Checkpointer:
         assert self._stager is not None
         t0 = time.perf_counter()
         result = dcp.async_save(
-            sd, checkpoint_id=str(trainer_dir), process_group=self._pg, async_stager=self._stager
+            sd,
+            checkpoint_id=str(trainer_dir),
+            process_group=self._pg,
+            async_stager=self._stager,
+            async_checkpointer_type=AsyncCheckpointerType(self.async_mode),
         )
         upload: Future = result.upload_completion if hasattr(result, "upload_completion") else result
         record.staging_s = self._stager.last_staging_s
