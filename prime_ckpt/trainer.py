@@ -23,12 +23,14 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import numpy as np
@@ -122,6 +124,36 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
 
 
+_RANK_KEY_RE = re.compile(rf"^{APP_KEY}\.rank_state\.rank_(\d+)\.")
+
+
+def source_rank_key(saved_keys: Iterable[str], rank: int) -> str | None:
+    """Which saved rank's per-rank state rank ``rank`` loads: its own if saved, else saved rank
+    ``rank mod N`` where N is the number of ranks that saved per-rank state (the resharding rule
+    for RNG and dataloader state). ``None`` if no per-rank state was saved.
+
+    ``saved_keys`` are the flattened DCP keys (``app.rank_state.rank_<r>.<...>``).
+    """
+    saved = sorted({int(m.group(1)) for k in saved_keys if (m := _RANK_KEY_RE.match(k))})
+    if not saved:
+        return None
+    if rank in saved:
+        return f"rank_{rank}"
+    return f"rank_{saved[rank % len(saved)]}"
+
+
+def _present_only(template: Any, prefix: str, saved: Any) -> Any:
+    """Drop template entries whose flattened key was not saved (keeps nested structure)."""
+    if isinstance(template, dict):
+        out = {}
+        for k, v in template.items():
+            key = f"{prefix}.{k}"
+            if key in saved or any(s.startswith(key + ".") for s in saved):
+                out[k] = _present_only(v, key, saved)
+        return out
+    return template
+
+
 class TrainerState(Stateful):
     """Everything a trainer rank needs to resume, as one DCP ``Stateful``.
 
@@ -150,8 +182,10 @@ class TrainerState(Stateful):
         self.scheduler = scheduler
         self.progress = progress if progress is not None else Progress()
         self.dataloader = dataloader
-        #: keys missing from the checkpoint at the last load (e.g. another world size's rank state)
+        #: True when the last load found no per-rank state for this rank
         self.missing_rank_state = False
+        #: True when the last load took another saved rank's state (world size changed)
+        self.remapped_rank_state = False
 
     def _rank_key(self) -> str:
         return f"rank_{_rank()}"
@@ -483,19 +517,33 @@ class Checkpointer:
             raise FileNotFoundError(f"{trainer_dir}: not a complete trainer checkpoint (no .metadata)")
         sd = {APP_KEY: state.state_dict()}
         metadata = read_dcp_metadata(trainer_dir)
-        own = f"{APP_KEY}.rank_state.{state._rank_key()}"
-        if not any(k.startswith(own + ".") for k in metadata.state_dict_metadata):
+        own_key = state._rank_key()
+        src_key = source_rank_key(metadata.state_dict_metadata.keys(), _rank())
+        if src_key is None:
             logger.warning(
-                "%s holds no per-rank state for rank %d (saved at another world size?): "
-                "RNG and dataloader position of this rank start fresh",
+                "%s holds no per-rank state: RNG and dataloader position of rank %d start fresh",
                 trainer_dir, _rank(),
             )
             sd[APP_KEY]["rank_state"] = {}
-            state.missing_rank_state = True
+        else:
+            if src_key != own_key:
+                logger.warning(
+                    "%s was saved at another world size: rank %d takes the RNG and dataloader state "
+                    "of saved %s (rule: rank r takes saved rank r mod N)",
+                    trainer_dir, _rank(), src_key,
+                )
+            # Load only the per-rank entries that were saved (e.g. no CUDA RNG from a CPU run).
+            template = _present_only(
+                sd[APP_KEY]["rank_state"][own_key], f"{APP_KEY}.rank_state.{src_key}", metadata.state_dict_metadata
+            )
+            sd[APP_KEY]["rank_state"] = {src_key: template}
         dcp.load(
             sd,
             storage_reader=SafeFileSystemReader(str(trainer_dir)),
             planner=SafeLoadPlanner(),
             process_group=self._pg,
         )
+        loaded_rank_state = sd[APP_KEY]["rank_state"]
+        sd[APP_KEY]["rank_state"] = {own_key: loaded_rank_state[src_key]} if src_key is not None else {}
+        state.remapped_rank_state = src_key is not None and src_key != own_key
         state.load_state_dict(sd[APP_KEY])

@@ -40,3 +40,12 @@ def test_resume_equivalence(tmp_path, run_ranks):
     assert resumed["losses"] == {str(s): ref["losses"][str(s)] for s in range(k + 1, 2 * k + 1)}
     assert resumed["final"] == ref["final"]
     assert resumed["progress"] == ref["progress"]
+
+
+def test_source_rank_key_rule():
+    from prime_ckpt.trainer import source_rank_key
+
+    keys = [f"app.rank_state.rank_{r}.rng.torch_cpu" for r in (0, 1)] + ["app.model.w", "app.rank_state_x.rank_5.a"]
+    assert [source_rank_key(keys, r) for r in range(5)] == ["rank_0", "rank_1", "rank_0", "rank_1", "rank_0"]
+    assert source_rank_key(["app.model.w"], 0) is None
+    assert source_rank_key(["app.rank_state.rank_0.rng.torch_cpu"], 3) == "rank_0"
