@@ -9,14 +9,17 @@ Temp files are named ``.<name>.tmp.<pid>`` so they never parse as a step or a pa
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 logger = logging.getLogger(__name__)
+_counter = itertools.count()
 
 
 def fsync_dir(path: Path | str) -> None:
@@ -69,24 +72,69 @@ def fsync_file(path: Path | str) -> None:
         os.close(fd)
 
 
+_DELETING = ".deleting."
+_TMP = ".tmp."
+
+
 def remove_tree(path: Path | str) -> bool:
     """Delete a directory tree or file; a path that is already gone is not an error.
 
-    Returns ``True`` if something was deleted. Other ``OSError``s propagate.
+    A directory is first renamed to a hidden sibling (``.<name>.deleting.<pid>``) and only then
+    deleted, so a crash mid-delete never leaves a half-deleted step directory under its step
+    name (where a surviving ``.metadata`` or marker could make it look complete). Leftovers are
+    removed by :func:`clean_leftovers`. Returns ``True`` if something was deleted; other
+    ``OSError``s propagate.
     """
     path = Path(path)
     try:
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
+            doomed = path.with_name(f".{path.name}{_DELETING}{os.getpid()}.{next(_counter)}")
+            os.rename(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=False)
         else:
             path.unlink()
     except FileNotFoundError:
         return False
-    except OSError as e:  # a concurrent delete can surface as ENOTEMPTY/ENOENT mid-rmtree
+    except OSError as e:  # a concurrent delete can surface as ENOENT mid-rmtree
         if e.errno == errno.ENOENT:
             return False
         raise
     return True
+
+
+def is_leftover(name: str) -> bool:
+    """True for the hidden temp names this module creates (``.<name>.tmp.<pid>``,
+    ``.<name>.deleting.<pid>.<n>``): what a crash in the middle of a write or delete leaves."""
+    return name.startswith(".") and (_TMP in name or _DELETING in name)
+
+
+def clean_leftovers(directory: Path | str, *, min_age_s: float = 300.0) -> list[Path]:
+    """Remove crash leftovers (see :func:`is_leftover`) directly inside ``directory`` and inside
+    its ``step_*`` subdirectories; returns what was removed.
+
+    ``.deleting.`` trees are always removed (nothing writes into them); ``.tmp.`` files only once
+    they are older than ``min_age_s`` seconds, so a temp file another live process (the
+    orchestrator) is writing right now is left alone. Call from one process (rank 0) at start-up.
+    A missing directory is not an error.
+    """
+    from prime_ckpt.layout import parse_step
+
+    directory = Path(directory)
+    removed: list[Path] = []
+    if not directory.is_dir():
+        return removed
+    candidates = [directory] + [p for p in directory.iterdir() if p.is_dir() and parse_step(p.name) is not None]
+    for d in candidates:
+        for entry in list(d.iterdir()):
+            if is_leftover(entry.name):
+                try:
+                    if _TMP in entry.name and time.time() - entry.lstat().st_mtime < min_age_s:
+                        continue
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                    removed.append(entry)
+                except FileNotFoundError:
+                    pass
+    return removed
 
 
 def tree_size(path: Path | str) -> int:

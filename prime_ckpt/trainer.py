@@ -48,7 +48,7 @@ from prime_ckpt.dcp_metadata import SafeFileSystemReader, SafeLoadPlanner, read_
 from prime_ckpt.layout import TRAINER_PART, RunLayout, resolve_resume_step, scan_inventory
 from prime_ckpt.retention import Plan, Pruner, RetentionPolicy, plan
 from prime_ckpt.staging import ReusedBufferStager
-from prime_ckpt.storage import atomic_write_bytes, remove_tree
+from prime_ckpt.storage import atomic_write_bytes, clean_leftovers, remove_tree
 
 logger = logging.getLogger(__name__)
 
@@ -333,6 +333,9 @@ class Checkpointer:
             self._pg = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
         if config.save_async:
             self._stager = ReusedBufferStager()
+        if _rank() == 0:
+            for leftover in clean_leftovers(self.layout.checkpoints_dir) + clean_leftovers(self.layout.weights_dir):
+                logger.warning("removed a leftover of an interrupted write or delete: %s", leftover)
 
     def _plan(self, current_step: int, in_flight: frozenset[int]) -> Plan:
         assert self.retention is not None
