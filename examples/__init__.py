@@ -1,0 +1,1 @@
+"""Runnable examples built on prime_ckpt (``python -m examples.<name>...`` from the repo root)."""

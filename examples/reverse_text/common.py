@@ -1,0 +1,89 @@
+"""Bits the trainer, orchestrator and launcher share: the rollouts hand-off, waits that give up,
+and dying with the parent process."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import io
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from prime_ckpt.layout import step_dirname
+from prime_ckpt.storage import atomic_write_bytes
+
+ROLLOUTS_DIR = "rollouts"
+
+
+def rollouts_path(output_dir: Path | str, step: int) -> Path:
+    """``<output_dir>/rollouts/step_<step>.pt``: the batch the trainer consumes at ``step``."""
+    return Path(output_dir) / ROLLOUTS_DIR / f"{step_dirname(step)}.pt"
+
+
+def write_rollouts(output_dir: Path | str, step: int, batch: dict) -> Path:
+    """Write a rollout batch (tensors and plain values) atomically (tmp -> fsync -> rename)."""
+    buf = io.BytesIO()
+    torch.save(batch, buf)
+    path = rollouts_path(output_dir, step)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def read_rollouts(path: Path | str) -> dict:
+    """Read a rollout batch with ``weights_only=True`` (no arbitrary unpickling)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def wait_for_file(
+    path: Path, *, timeout: float, poll_interval: float = 0.02, should_stop: Callable[[], bool] | None = None
+) -> Path:
+    """Block until ``path`` exists; raise ``TimeoutError`` after ``timeout`` s or when
+    ``should_stop()`` turns true (the producer is gone)."""
+    deadline = time.monotonic() + timeout
+    while not path.is_file():
+        if should_stop is not None and should_stop():
+            raise TimeoutError(f"{path}: gave up waiting (parent process exited)")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path}: not written after {timeout:.0f} s (is the producer running?)")
+        time.sleep(poll_interval)
+    return path
+
+
+def die_with_parent() -> Callable[[], bool]:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux ``PR_SET_PDEATHSIG``).
+
+    torchrun starts its workers in new sessions, so killing the launcher's process group would
+    otherwise leave trainer ranks orphaned, still able to write checkpoints into the run
+    directory. Returns ``parent_gone()``, a check for the wait loops (portable fallback).
+    """
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+    return lambda: os.getppid() != parent
+
+
+def params_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over ``name``, dtype, shape and raw bytes of every tensor, in sorted key order."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def set_deterministic_threads() -> None:
+    """One intra-op thread: same thread count in every run, so float sums reduce in one order."""
+    torch.set_num_threads(1)

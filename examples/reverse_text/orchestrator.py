@@ -1,0 +1,148 @@
+"""The orchestrator: ``python -m examples.reverse_text.orchestrator @ orch.toml [flags]``.
+
+For step ``n`` it samples a batch with the weights of step ``max(n - async_level, 0)`` (so it
+never runs more than ``async_level`` steps ahead of the trainer), scores it and writes
+``rollouts/step_n.pt`` atomically. Sampling for step ``n`` uses a generator seeded from
+``(seed, n)`` only, so a resumed run regenerates bitwise the same rollouts. With ``--ckpt.*`` it
+writes its progress record ``checkpoints/step_<n>/orchestrator.pt`` every ``--ckpt.interval``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from pydantic import Field, model_validator
+
+from examples.reverse_text.common import (
+    die_with_parent,
+    set_deterministic_threads,
+    write_rollouts,
+)
+from examples.reverse_text.model import ModelConfig, TinyLM, generate
+from examples.reverse_text.task import prompt_tokens, reward, sample_problems
+from prime_ckpt.config import CheckpointConfig, CliSettings, MonitorConfig, cli_entry
+from prime_ckpt.layout import RunLayout, resolve_resume_step
+from prime_ckpt.orchestrator import (
+    OrchestratorProgress,
+    load_orchestrator_checkpoint,
+    save_orchestrator_checkpoint,
+)
+from prime_ckpt.weights import load_weights, wait_for_weights
+
+
+class OrchestratorConfig(CliSettings):
+    """Rollout generator for the reverse-text task (one process)."""
+
+    output_dir: Path = Path("outputs/reverse_text")
+    """Run directory shared with the trainer."""
+
+    max_steps: int = Field(40, ge=1)
+    """Produce rollouts up to this step."""
+
+    async_level: int = Field(1, ge=1)
+    """Step n samples with the weights of step n - async_level: at most this many steps ahead."""
+
+    seed: int = Field(0, ge=0, lt=2**31)
+    """Sampling seed; step n's generator is seeded from (seed, n)."""
+
+    batch_size: int = Field(128, ge=1)
+    """Rollouts (problems) per step, split across trainer ranks."""
+
+    min_len: int = Field(3, ge=1)
+    """Shortest string to reverse (characters)."""
+
+    max_len: int = Field(6, ge=1)
+    """Longest string to reverse (characters)."""
+
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature."""
+
+    model: ModelConfig = ModelConfig()
+    """Model shape (must match the trainer's weights)."""
+
+    weights_timeout_s: float = Field(600.0, gt=0)
+    """Give up (exit non-zero) if the weights a step needs do not appear within this many seconds."""
+
+    ckpt: CheckpointConfig | None = None
+    """Checkpointing of the progress record; off unless asked for."""
+
+    monitor: MonitorConfig = MonitorConfig()
+    """Monitoring (W&B)."""
+
+    @model_validator(mode="after")
+    def _lengths_fit(self) -> OrchestratorConfig:
+        if self.min_len > self.max_len:
+            raise ValueError(f"min_len ({self.min_len}) > max_len ({self.max_len})")
+        need = 2 * self.max_len + 3  # BOS s SEP + reversed(s) EOS
+        if need > self.model.max_seq_len:
+            raise ValueError(f"max_len {self.max_len} needs model.max_seq_len >= {need}")
+        return self
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of step ``step``: depends on ``(seed, step)`` only, never on history."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = cli_entry(OrchestratorConfig, argv, prog="orchestrator")
+    parent_gone = die_with_parent()
+    set_deterministic_threads()
+    start = resolve_resume_step(cfg.output_dir, cfg.ckpt.resume_step) if cfg.ckpt is not None else None
+    if start is not None:
+        progress = load_orchestrator_checkpoint(cfg.output_dir, start)
+        print(f"orchestrator: resumed from checkpoint step {start} (samples {progress.total_samples})", flush=True)
+    else:
+        progress = OrchestratorProgress(step=0)
+        print("orchestrator: fresh start", flush=True)
+
+    run = None
+    if cfg.monitor.wandb.project is not None:
+        import wandb
+
+        w = cfg.monitor.wandb
+        run = wandb.init(project=w.project, id=w.id, name=w.name, mode=w.mode, resume="allow",
+                         config=cfg.model_dump(mode="json"), job_type="orchestrator")
+        run.define_metric("progress/step")
+        run.define_metric("*", step_metric="progress/step")
+
+    model = TinyLM(cfg.model).eval()
+    loaded = None
+    layout = RunLayout(cfg.output_dir)
+    for n in range(progress.step + 1, cfg.max_steps + 1):
+        t0 = time.perf_counter()
+        wstep = max(n - cfg.async_level, 0)
+        if wstep != loaded:
+            wait_for_weights(cfg.output_dir, wstep, timeout=cfg.weights_timeout_s, poll_interval=0.02, should_stop=parent_gone)
+            sd, wcfg = load_weights(layout.weights_step_dir(wstep))
+            shape = {k: wcfg.get(k) for k in cfg.model.model_dump()}
+            if shape != cfg.model.model_dump():
+                raise SystemExit(f"orchestrator: weights/step_{wstep} have model {shape}, config says {cfg.model.model_dump()}")
+            model.load_state_dict(sd)
+            loaded = wstep
+        t_wait = time.perf_counter() - t0
+        g = step_generator(cfg.seed, n)
+        problems = sample_problems(cfg.batch_size, g, cfg.min_len, cfg.max_len)
+        out = generate(model, [prompt_tokens(s) for s in problems], cfg.max_len + 1, g, cfg.temperature)
+        rewards = torch.tensor([reward(s, c) for s, c in zip(problems, out["completion"].tolist())], dtype=torch.float32)
+        write_rollouts(cfg.output_dir, n, {"step": n, "weights_step": wstep, "rewards": rewards, **out})
+        tokens = int(out["completion_mask"].sum())
+        progress.step = n
+        progress.total_samples += cfg.batch_size
+        progress.total_problems += cfg.batch_size
+        progress.total_tokens += tokens
+        if cfg.ckpt is not None and n % cfg.ckpt.interval == 0:
+            save_orchestrator_checkpoint(cfg.output_dir, progress)
+        if run is not None:
+            run.log({"progress/step": n, "reward/mean": rewards.mean().item(), "progress/total_samples": progress.total_samples,
+                     "progress/total_tokens": progress.total_tokens, "perf/wait_weights_s": t_wait})
+        print(f"orchestrator step {n} | weights step {wstep} | reward {rewards.mean().item():.4f} | wait {t_wait:.2f}s", flush=True)
+    if run is not None:
+        run.finish()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

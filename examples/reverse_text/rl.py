@@ -1,0 +1,229 @@
+"""One command for a whole run: ``python -m examples.reverse_text.rl``.
+
+    python -m examples.reverse_text.rl \\
+        --trainer @ examples/configs/reverse_text/train.toml \\
+        --orchestrator @ examples/configs/reverse_text/orch.toml \\
+        --ckpt.interval 10 --ckpt.resume-step -1 \\
+        --trainer.monitor.wandb.id X --orchestrator.monitor.wandb.id Y
+
+Routing: ``--ckpt``/``--ckpt.*``, ``--model.*`` and ``--output-dir``, ``--max-steps``,
+``--async-level``, ``--seed`` go to both programs; ``--trainer.*`` / ``--orchestrator.*`` go to
+one (prefix stripped); ``--trainer @ f.toml`` passes ``@ f.toml``. Both configs are validated
+before anything starts (a bad flag: one line naming it, exit 2). ``--ckpt.resume-step -1`` is
+resolved here, once, to a concrete step that both programs then load; rollouts and weights
+newer than the start step (left by the stopped run) are removed first, so neither side can
+run ahead on stale files. The trainer runs under ``torchrun --standalone --nproc-per-node
+<--nproc>``; if either program fails the other is stopped and the exit status is non-zero.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from prime_ckpt.config import ConfigError, parse_cli
+from prime_ckpt.layout import parse_step, resolve_resume_step, scan_checkpoints
+from prime_ckpt.storage import remove_tree
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED_FLAGS = ("--output-dir", "--max-steps", "--async-level", "--seed")
+SHARED_PREFIXES = ("--ckpt.", "--model.")
+USAGE = """usage: rl --trainer @ TRAIN.toml --orchestrator @ ORCH.toml [--nproc N] [flags]
+
+  --trainer @ F / --orchestrator @ F   config file of one program
+  --trainer.X V / --orchestrator.X V   flag --X V for one program
+  --ckpt[.X V], --model.X V, --output-dir, --max-steps, --async-level, --seed
+                                       flags for both programs
+  --nproc N                            trainer ranks (torchrun --nproc-per-node; default 2)
+"""
+
+
+class UsageError(ValueError):
+    pass
+
+
+def route(argv: list[str]) -> tuple[list[str], list[str], int]:
+    """Split launcher arguments into ``(trainer_args, orchestrator_args, nproc)``."""
+    trainer: list[str] = []
+    orch: list[str] = []
+    nproc = 2
+    i = 0
+
+    def value_after(j: int) -> list[str]:
+        nxt = argv[j + 1] if j + 1 < len(argv) else None
+        return [nxt] if nxt is not None and not nxt.startswith("--") and nxt != "@" else []
+
+    while i < len(argv):
+        tok = argv[i]
+        name, eq, inline = tok.partition("=")
+        if tok in ("--trainer", "--orchestrator"):
+            dest = trainer if tok == "--trainer" else orch
+            nxt = argv[i + 1] if i + 1 < len(argv) else ""
+            if nxt == "@" and i + 2 < len(argv):
+                dest += ["@", argv[i + 2]]
+                i += 3
+            elif nxt.startswith("@") and len(nxt) > 1:
+                dest.append(nxt)
+                i += 2
+            else:
+                raise UsageError(f"{tok} must be followed by '@ <file.toml>'")
+            continue
+        if name == "--nproc":
+            val = [inline] if eq else value_after(i)
+            if not val or not val[0].isdigit() or int(val[0]) < 1:
+                raise UsageError("--nproc: expected a positive integer")
+            nproc = int(val[0])
+            i += 1 if eq else 2
+            continue
+        if not tok.startswith("--"):
+            raise UsageError(f"unexpected argument {tok!r}")
+        val = [] if eq else value_after(i)
+        step = 1 + len(val)
+        for prefix, dest in (("--trainer.", trainer), ("--orchestrator.", orch)):
+            if name.startswith(prefix):
+                dest += ["--" + tok[len(prefix):], *val]
+                break
+        else:
+            if name == "--ckpt" or name in SHARED_FLAGS or name.startswith(SHARED_PREFIXES):
+                trainer += [tok, *val]
+                orch += [tok, *val]
+            else:
+                raise UsageError(f"unrecognized argument: {name} (use --trainer.{name[2:]} or --orchestrator.{name[2:]})")
+        i += step
+    return trainer, orch, nproc
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    print(f"rl: error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def clear_stale(output_dir: Path, start: int, fresh: bool) -> list[str]:
+    """Remove rollouts and weights newer than ``start`` (all of them on a fresh start): files a
+    stopped run left that would let the orchestrator or the trainer skip a wait."""
+    removed = []
+    for sub, suffix in (("rollouts", ".pt"), ("weights", "")):
+        d = output_dir / sub
+        if not d.is_dir():
+            continue
+        for entry in sorted(d.iterdir()):
+            n = parse_step(entry.name[: -len(suffix)] if suffix and entry.name.endswith(suffix) else entry.name)
+            if n is not None and (fresh or n > start):
+                remove_tree(entry)
+                removed.append(f"{sub}/{entry.name}")
+    return removed
+
+
+class Launcher:
+    def __init__(self) -> None:
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.signalled: int | None = None
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.signalled = signum
+        for p in self.procs.values():
+            if p.poll() is None:
+                try:
+                    p.send_signal(signum)
+                except ProcessLookupError:
+                    pass
+
+    def stop_all(self, grace: float = 10.0) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + grace
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def run(self, cmds: dict[str, list[str]], env: dict[str, str]) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        for name, cmd in cmds.items():
+            self.procs[name] = subprocess.Popen(cmd, env=env, cwd=ROOT)
+        while True:
+            if self.signalled is not None:
+                self.stop_all()
+                return 128 + self.signalled
+            codes = {name: p.poll() for name, p in self.procs.items()}
+            failed = [(n, c) for n, c in codes.items() if c not in (None, 0)]
+            if failed:
+                name, code = failed[0]
+                print(f"rl: {name} exited with status {code}; stopping the others", file=sys.stderr, flush=True)
+                self.stop_all()
+                return code if code > 0 else 1
+            if all(c == 0 for c in codes.values()):
+                return 0
+            time.sleep(0.1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    from examples.reverse_text.orchestrator import OrchestratorConfig
+    from examples.reverse_text.trainer import TrainerConfig
+
+    try:
+        trainer_args, orch_args, nproc = route(argv)
+    except UsageError as e:
+        _fail(str(e))
+    try:
+        tcfg = parse_cli(TrainerConfig, trainer_args, prog="trainer")
+    except ConfigError as e:
+        _fail(f"trainer: {e}")
+    try:
+        ocfg = parse_cli(OrchestratorConfig, orch_args, prog="orchestrator")
+    except ConfigError as e:
+        _fail(f"orchestrator: {e}")
+    for field in ("output_dir", "max_steps", "async_level", "model"):
+        if getattr(tcfg, field) != getattr(ocfg, field):
+            _fail(f"--{field.replace('_', '-')}: trainer has {getattr(tcfg, field)!r}, orchestrator {getattr(ocfg, field)!r}; they must agree")
+    if (tcfg.ckpt is None) != (ocfg.ckpt is None) or (tcfg.ckpt and tcfg.ckpt.interval != ocfg.ckpt.interval):
+        _fail("--ckpt: trainer and orchestrator must both checkpoint, at the same --ckpt.interval")
+
+    out = tcfg.output_dir
+    start = None
+    if tcfg.ckpt is not None and tcfg.ckpt.resume_step is not None:
+        try:
+            start = resolve_resume_step(out, tcfg.ckpt.resume_step)
+        except (FileNotFoundError, ValueError) as e:
+            _fail(str(e), code=1)
+        if tcfg.ckpt.resume_step == -1:  # decide once; both programs load this very step
+            pinned = ["--ckpt.resume-step", "null" if start is None else str(start)]
+            trainer_args += pinned
+            orch_args += pinned
+    if start is None:
+        print(f"rl: starting fresh in {out}", flush=True)
+    else:
+        print(f"rl: resuming from checkpoint step {start} in {out}", flush=True)
+    removed = clear_stale(out, start or 0, fresh=start is None)
+    if removed:
+        print(f"rl: removed {len(removed)} stale rollout/weight files newer than step {start or 0}", flush=True)
+    newer = [c.step for c in scan_checkpoints(out) if c.step > (start or 0)]
+    if newer:
+        print(f"rl: note: checkpoint steps {newer} are from an earlier run; they are replaced as this run reaches them", flush=True)
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    cmds = {
+        "trainer": [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                    "-m", "examples.reverse_text.trainer", *trainer_args],
+        "orchestrator": [sys.executable, "-m", "examples.reverse_text.orchestrator", *orch_args],
+    }
+    return Launcher().run(cmds, env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

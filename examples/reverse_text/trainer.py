@@ -1,0 +1,265 @@
+"""The RL trainer: ``torchrun -m examples.reverse_text.trainer @ train.toml [flags]``.
+
+FSDP2-sharded :class:`~examples.reverse_text.model.TinyLM`, AdamW, warmup/constant LR. Step
+``n`` waits for ``rollouts/step_n.pt`` (from the orchestrator), takes this rank's shard, does
+one policy-gradient step, writes inference weights ``weights/step_n`` and, with ``--ckpt.*``,
+a DCP checkpoint every ``--ckpt.interval`` steps. ``--ckpt.resume-step`` (-1 = newest complete)
+continues a run bitwise-identically.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from pydantic import Field
+
+from examples.reverse_text.common import (
+    die_with_parent,
+    params_sha256,
+    read_rollouts,
+    rollouts_path,
+    set_deterministic_threads,
+    wait_for_file,
+)
+from examples.reverse_text.model import (
+    ModelConfig,
+    TinyLM,
+    completion_logprobs,
+    left_pad,
+)
+from examples.reverse_text.task import EOS, PAD, encode, prompt_tokens, sample_problems
+from prime_ckpt.config import CheckpointConfig, CliSettings, MonitorConfig, cli_entry
+from prime_ckpt.layout import RUN_PARTS
+from prime_ckpt.trainer import Checkpointer, Progress, TrainerState
+from prime_ckpt.weights import gather_full_state_dict, save_weights
+
+
+class TrainerConfig(CliSettings):
+    """RL trainer for the reverse-text task (run under torchrun)."""
+
+    output_dir: Path = Path("outputs/reverse_text")
+    """Run directory: checkpoints/, weights/ and rollouts/ live here."""
+
+    max_steps: int = Field(40, ge=1)
+    """Train until this step (optimizer steps; a resumed run continues up to it)."""
+
+    async_level: int = Field(1, ge=1)
+    """Rollouts of step n come from the weights of step n - async_level (1 = on-policy)."""
+
+    lr: float = Field(1e-3, gt=0)
+    """Peak learning rate of AdamW."""
+
+    warmup_steps: int = Field(3, ge=0)
+    """Linear LR warmup steps, then constant (the schedule never depends on max_steps)."""
+
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Clip the global gradient norm to this value."""
+
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature the orchestrator used (log-probs are recomputed under it)."""
+
+    warm_start_steps: int = Field(30, ge=0)
+    """Supervised steps that make the base policy before RL (fresh runs only; 0 = RL from scratch)."""
+
+    seed: int = Field(0, ge=0, lt=2**31)
+    """Seed of the model initialisation and the warm start."""
+
+    model: ModelConfig = ModelConfig()
+    """Model shape."""
+
+    rollout_timeout_s: float = Field(600.0, gt=0)
+    """Give up (exit non-zero) if a step's rollouts do not arrive within this many seconds."""
+
+    ckpt: CheckpointConfig | None = None
+    """Checkpointing; off unless --ckpt / --ckpt.* / a [ckpt] table asks for it."""
+
+    monitor: MonitorConfig = MonitorConfig()
+    """Monitoring (W&B)."""
+
+
+class RolloutLoader:
+    """Per-rank reader of ``rollouts/step_<n>.pt``; its state is the next step to read."""
+
+    def __init__(self, output_dir: Path, rank: int, world_size: int, timeout: float, should_stop=None) -> None:
+        self.output_dir = output_dir
+        self.rank, self.world_size = rank, world_size
+        self.timeout, self.should_stop = timeout, should_stop
+        self.next_step = 1
+
+    def next_batch(self) -> tuple[int, dict[str, Any]]:
+        """``(step, batch)``: the full batch plus ``shard`` (this rank's rows, ``rank::world_size``)."""
+        step = self.next_step
+        path = wait_for_file(rollouts_path(self.output_dir, step), timeout=self.timeout, should_stop=self.should_stop)
+        batch = read_rollouts(path)
+        if int(batch["step"]) != step:
+            raise RuntimeError(f"{path}: holds step {batch['step']}, expected {step}")
+        rows = slice(self.rank, None, self.world_size)
+        batch["shard"] = {k: batch[k][rows] for k in ("prompt", "prompt_mask", "completion", "completion_mask", "rewards")}
+        self.next_step = step + 1
+        return step, batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_step": self.next_step, "rank": self.rank, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.next_step = int(state["next_step"])
+
+
+def warm_start(model: TinyLM, steps: int, seed: int, lr: float = 3e-3, batch_size: int = 32) -> None:
+    """A short supervised run on reversed strings: the 'base model' RL starts from (the real
+    reverse-text recipe is SFT, then RL). Deterministic; every rank computes the same result."""
+    if steps <= 0:
+        return
+    g = torch.Generator().manual_seed(seed + 7919)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        problems = sample_problems(batch_size, g)
+        targets = [encode(s[::-1]) + [EOS] for s in problems]
+        c = max(map(len, targets))
+        completion = torch.tensor([t + [PAD] * (c - len(t)) for t in targets])
+        completion_mask = (completion != PAD).long()
+        prompt, prompt_mask = left_pad([prompt_tokens(s) for s in problems])
+        lp = completion_logprobs(model, prompt, prompt_mask, completion, completion_mask)
+        loss = -lp.sum() / completion_mask.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _wandb_init(cfg: TrainerConfig, name: str):
+    w = cfg.monitor.wandb
+    if w.project is None:
+        return None
+    import wandb
+
+    run = wandb.init(
+        project=w.project, id=w.id, name=w.name, mode=w.mode, resume="allow",
+        config=cfg.model_dump(mode="json"), job_type=name,
+    )
+    run.define_metric("progress/step")
+    run.define_metric("*", step_metric="progress/step")
+    return run
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = cli_entry(TrainerConfig, argv, prog="trainer")
+    parent_gone = die_with_parent()
+    set_deterministic_threads()
+    use_cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    log = print if rank == 0 else (lambda *a, **k: None)
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    # Retention (--ckpt.keep) pins weights [x - async_level, x] for every kept checkpoint x.
+    checkpointer = (
+        Checkpointer(cfg.output_dir, cfg.ckpt, async_level=cfg.async_level, parts=RUN_PARTS)
+        if cfg.ckpt is not None
+        else None
+    )
+    resume = checkpointer.resume_step() if checkpointer is not None else None
+
+    model = TinyLM(cfg.model, seed=cfg.seed)
+    if resume is None:
+        warm_start(model, cfg.warm_start_steps, cfg.seed)
+    model.to(device)
+    mesh = init_device_mesh(device.type, (world,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    warmup = cfg.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    progress = Progress()
+    loader = RolloutLoader(cfg.output_dir, rank, world, cfg.rollout_timeout_s, should_stop=parent_gone)
+    state = TrainerState(model, opt, scheduler, progress, loader)
+    weights_config = {**cfg.model.model_dump(), "seed": cfg.seed}
+
+    if resume is not None:
+        assert checkpointer is not None
+        checkpointer.load(resume, state)
+        if progress.step != resume or loader.next_step != resume + 1:
+            raise RuntimeError(f"checkpoint step {resume} holds progress.step={progress.step}, next rollouts {loader.next_step}")
+        log(f"trainer: resumed from checkpoint step {resume} (samples {progress.total_samples}, tokens {progress.total_tokens})", flush=True)
+    else:
+        save_weights(cfg.output_dir, 0, model, weights_config)
+        log(f"trainer: fresh start, world size {world}, wrote weights/step_0", flush=True)
+
+    run = _wandb_init(cfg, "trainer") if rank == 0 else None
+    for n in range(progress.step + 1, cfg.max_steps + 1):
+        t0 = time.perf_counter()
+        step, batch = loader.next_batch()
+        assert step == n, (step, n)
+        t_wait = time.perf_counter() - t0
+        rewards = batch["rewards"].float()
+        advantages = rewards - rewards.mean()
+        shard = batch["shard"]
+        adv = advantages[rank::world].to(device)
+        lp = completion_logprobs(
+            model, shard["prompt"].to(device), shard["prompt_mask"].to(device),
+            shard["completion"].to(device), shard["completion_mask"].to(device), cfg.temperature,
+        ).sum(-1)
+        batch_size = rewards.numel()
+        # FSDP averages gradients over ranks, so scale by world/B to get the batch mean.
+        local = -(adv * lp).sum()
+        (local * (world / batch_size)).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        opt.step()
+        scheduler.step()
+        opt.zero_grad(set_to_none=True)
+        loss_t = local.detach().reshape(1).to(torch.float64)
+        dist.all_reduce(loss_t)
+        loss = loss_t.item() / batch_size
+        tokens = int(batch["prompt_mask"].sum() + batch["completion_mask"].sum())
+        progress.step = n
+        progress.total_samples += batch_size
+        progress.total_tokens += tokens
+        save_weights(cfg.output_dir, n, model, weights_config)
+        ckpt_note = ""
+        if checkpointer is not None and checkpointer.should_save(n):
+            rec = checkpointer.save(n, state)
+            ckpt_note = f" | ckpt {rec.mode} blocked {rec.blocking_s:.3f}s"
+        dt = time.perf_counter() - t0
+        reward = rewards.mean().item()
+        log(
+            f"step {n} | loss {loss:.9g} | reward {reward:.4f} | grad norm {grad_norm:.3f} | lr {lr:.2e} | samples {progress.total_samples}"
+            f" | tokens {progress.total_tokens} | policy lag {n - int(batch['weights_step'])}"
+            f" | wait {t_wait:.2f}s | step {dt:.2f}s{ckpt_note}",
+            flush=True,
+        )
+        if run is not None:
+            run.log({
+                "progress/step": n, "progress/total_samples": progress.total_samples,
+                "progress/total_tokens": progress.total_tokens, "loss": loss, "reward/mean": reward,
+                "optim/lr": lr, "optim/grad_norm": grad_norm, "perf/step_time_s": dt, "perf/wait_rollouts_s": t_wait,
+            })
+    if checkpointer is not None:
+        checkpointer.close()  # waits for the last async save; raises its error (non-zero exit)
+    full = gather_full_state_dict(model)
+    if rank == 0:
+        print(f"final step {progress.step} | params sha256 {params_sha256(full)}", flush=True)
+    if run is not None:
+        run.finish()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # required: process-based async saving re-imports this module
+    main(sys.argv[1:])

@@ -1,0 +1,134 @@
+"""The reverse-text example end to end: launcher, checkpoints, bitwise resume, bad flags."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from examples.reverse_text.model import (
+    ModelConfig,
+    TinyLM,
+    completion_logprobs,
+    generate,
+)
+from examples.reverse_text.rl import UsageError, route
+from examples.reverse_text.task import (
+    EOS,
+    encode,
+    prompt_tokens,
+    reward,
+    sample_problems,
+)
+from prime_ckpt.layout import latest_complete_step, scan_checkpoints, scan_weights
+from tests.conftest import run_proc
+
+STEP_RE = re.compile(r"^step (\d+) \| loss (\S+) \| reward (\S+)", re.MULTILINE)
+FINAL_RE = re.compile(r"^final step (\d+) \| params sha256 ([0-9a-f]{64})$", re.MULTILINE)
+# Small and quick: fewer samples and warm-start steps than the demo.
+FAST = [
+    "--trainer", "@", "examples/configs/reverse_text/train.toml",
+    "--orchestrator", "@", "examples/configs/reverse_text/orch.toml",
+    "--orchestrator.batch-size", "32", "--trainer.warm-start-steps", "5",
+]
+
+
+def rl(output_dir: Path, *args: str, timeout: float = 90, check: bool = True, env=None):
+    cmd = [sys.executable, "-m", "examples.reverse_text.rl", *FAST, "--output-dir", str(output_dir), *args]
+    return run_proc(cmd, timeout=timeout, check=check, env=env)
+
+
+def losses(out: str) -> dict[int, str]:
+    return {int(n): loss for n, loss, _ in STEP_RE.findall(out)}
+
+
+def final_sha(out: str) -> str:
+    found = FINAL_RE.findall(out)
+    assert len(found) == 1, out[-3000:]
+    return found[0][1]
+
+
+# -- pieces -------------------------------------------------------------------------------------
+def test_reward_is_positional_overlap():
+    s = "abcd"
+    assert reward(s, encode("dcba") + [EOS]) == 1.0
+    assert reward(s, encode("dcdd") + [EOS]) == 0.5
+    assert reward(s, encode("dcbaaaaa")) == 0.5  # too long: 4 matches / 8
+    assert reward(s, [EOS]) == 0.0
+
+
+def test_model_init_and_sampling_are_deterministic():
+    cfg = ModelConfig()
+    a, b = TinyLM(cfg, seed=3), TinyLM(cfg, seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    prompts = [prompt_tokens(s) for s in sample_problems(8, torch.Generator().manual_seed(0))]
+    r1 = generate(a, prompts, 7, torch.Generator().manual_seed(1))
+    r2 = generate(a, prompts, 7, torch.Generator().manual_seed(1))
+    assert torch.equal(r1["completion"], r2["completion"])
+    lp = completion_logprobs(a, r1["prompt"], r1["prompt_mask"], r1["completion"], r1["completion_mask"])
+    assert torch.allclose(lp, r1["logprobs"], atol=1e-5)
+
+
+def test_route_splits_flags():
+    t, o, n = route([
+        "--trainer", "@", "t.toml", "--orchestrator", "@o.toml", "--ckpt.interval", "10", "--ckpt.save-async",
+        "--ckpt.resume-step", "-1", "--trainer.monitor.wandb.id", "X", "--orchestrator.batch-size=8",
+        "--max-steps", "5", "--nproc", "3",
+    ])
+    assert t == ["@", "t.toml", "--ckpt.interval", "10", "--ckpt.save-async", "--ckpt.resume-step", "-1",
+                 "--monitor.wandb.id", "X", "--max-steps", "5"]
+    assert o == ["@o.toml", "--ckpt.interval", "10", "--ckpt.save-async", "--ckpt.resume-step", "-1",
+                 "--batch-size=8", "--max-steps", "5"]
+    assert n == 3
+    with pytest.raises(UsageError, match="--bogus"):
+        route(["--bogus", "1"])
+
+
+# -- the real launcher --------------------------------------------------------------------------
+def test_launcher_run_writes_complete_checkpoints_and_weights(tmp_path):
+    out = tmp_path / "run"
+    r = rl(out, "--max-steps", "6", "--ckpt.interval", "2", "--ckpt.save-async",
+           "--trainer.monitor.wandb.project", "prime-ckpt-test", env={"WANDB_DIR": str(tmp_path)})
+    assert sorted(losses(r.stdout)) == list(range(1, 7))
+    final_sha(r.stdout)
+    ckpts = scan_checkpoints(out)
+    assert [c.step for c in ckpts] == [2, 4, 6] and all(c.complete() for c in ckpts)
+    assert latest_complete_step(out) == 6
+    weights = scan_weights(out)
+    assert [w.step for w in weights] == list(range(7)) and all(w.complete for w in weights)
+    assert (tmp_path / "wandb").is_dir()  # offline W&B run of the trainer
+
+
+def test_resume_through_launcher_is_bitwise_identical(tmp_path):
+    a = rl(tmp_path / "a", "--max-steps", "8")
+    b1 = rl(tmp_path / "b", "--max-steps", "4", "--ckpt.interval", "2", "--ckpt.save-async")
+    assert latest_complete_step(tmp_path / "b") == 4
+    b2 = rl(tmp_path / "b", "--max-steps", "8", "--ckpt.interval", "2", "--ckpt.save-async", "--ckpt.resume-step", "-1")
+    assert "resuming from checkpoint step 4" in b2.stdout
+    assert "trainer: resumed from checkpoint step 4" in b2.stdout
+    la, lb1, lb2 = losses(a.stdout), losses(b1.stdout), losses(b2.stdout)
+    assert sorted(lb2) == [5, 6, 7, 8]
+    assert {n: la[n] for n in range(1, 5)} == lb1
+    assert {n: la[n] for n in range(5, 9)} == lb2
+    assert final_sha(a.stdout) == final_sha(b2.stdout)
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--trainer.lr", "-1"], "--lr"),
+        (["--ckpt.interval", "0"], "--ckpt.interval"),
+        (["--bogus-flag", "1"], "--bogus-flag"),
+        (["--orchestrator.batch-sise", "4"], "batch-sise"),
+    ],
+)
+def test_bad_flag_exits_2_before_starting(tmp_path, args, named):
+    out = tmp_path / "never"
+    r = rl(out, "--max-steps", "2", *args, check=False, timeout=60)
+    assert r.returncode == 2, r.stdout
+    errors = [line for line in r.stdout.splitlines() if "error" in line]
+    assert len(errors) == 1 and named in errors[0], r.stdout
+    assert not out.exists()
