@@ -47,6 +47,9 @@ class CheckpointConfig(BaseModel):
     resume_step: int | None = Field(None, ge=-1)
     """Resume from this checkpoint step; -1 picks the newest complete step; None starts fresh."""
 
+    timeout: float = Field(300.0, gt=0)
+    """Seconds a checkpoint collective waits for the other ranks; past it the save fails on every rank."""
+
 
 class WandbConfig(BaseModel):
     """Weights & Biases (``--monitor.wandb.*``)."""

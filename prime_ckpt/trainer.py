@@ -225,6 +225,35 @@ class TrainerState(Stateful):
             self.dataloader.load_state_dict(rank_state["dataloader"])
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint save failed; raised on every rank.
+
+    Attributes:
+        step: the checkpoint step.
+        path: the step's trainer directory.
+        failures: ``{rank: "ExceptionType: message"}`` for every rank that failed.
+    """
+
+    def __init__(self, step: int, path: Path, failures: dict[int, str]) -> None:
+        self.step, self.path, self.failures = step, path, failures
+        detail = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failures.items()))
+        super().__init__(f"{path}: checkpoint step {step} failed ({detail}); earlier checkpoints are untouched")
+
+
+def _save_error(step: int, path: Path, exc: BaseException) -> CheckpointSaveError:
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    def one_line(e: BaseException) -> str:
+        text = " ".join(str(e).split())
+        return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+    if isinstance(exc, CheckpointException):
+        failures = {int(r): one_line(pair[0] if isinstance(pair, tuple) else pair) for r, pair in exc.failures.items()}
+    else:
+        failures = {_rank(): one_line(exc)}
+    return CheckpointSaveError(step, path, failures)
+
+
 @dataclass
 class SaveRecord:
     """Timings and sizes of one save, on this rank.
@@ -276,8 +305,9 @@ class Checkpointer:
     Args:
         output_dir: run output directory.
         config: the ``--ckpt.*`` config (``interval``, ``save_async``, ``resume_step`` ...).
-        timeout_s: collective timeout of the dedicated save process group (seconds); a rank that
-            fails or hangs mid-save makes the others raise within this bound.
+        timeout_s: collective timeout of the dedicated save process group (seconds; default
+            ``config.timeout``); a rank that fails or hangs mid-save makes the others raise
+            within this bound.
         async_level: k for retention: checkpoint step x pins weights [x - k, x].
         parts: the parts a step needs to count as complete (``("trainer", "orchestrator")`` for
             an async-RL run; a trainer-only run needs only ``"trainer"``).
@@ -292,7 +322,7 @@ class Checkpointer:
         output_dir: Path | str,
         config: CheckpointConfig,
         *,
-        timeout_s: float = 600.0,
+        timeout_s: float | None = None,
         async_level: int = 0,
         parts: tuple[str, ...] = (TRAINER_PART,),
         weights_interval: int | None = None,
@@ -330,7 +360,8 @@ class Checkpointer:
             # One dedicated gloo group for every checkpoint collective (created once): async
             # writes never share a communicator with training, and CPU-side coordination works
             # whatever backend (nccl) the default group uses.
-            self._pg = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+            timeout = timedelta(seconds=timeout_s if timeout_s is not None else config.timeout)
+            self._pg = dist.new_group(backend="gloo", timeout=timeout)
         if config.save_async:
             self._stager = ReusedBufferStager()
         if _rank() == 0:
@@ -383,8 +414,9 @@ class Checkpointer:
         state as of this call is what gets saved (snapshot semantics).
 
         Raises:
+            CheckpointSaveError: this (sync) save failed, or the previous async save failed; on
+                every rank (DCP gathers write errors across ranks), naming the ranks and path.
             RuntimeError: after :meth:`close`.
-            Exception: the previous async save's error, if it failed.
         """
         if self._closed:
             raise RuntimeError("Checkpointer.save() after close()")
@@ -407,7 +439,14 @@ class Checkpointer:
             record.total_bytes = int(total.item())
         if not self.config.save_async:
             t0 = time.perf_counter()
-            dcp.save(sd, checkpoint_id=str(trainer_dir), process_group=self._pg)
+            try:
+                dcp.save(sd, checkpoint_id=str(trainer_dir), process_group=self._pg)
+            except BaseException as e:  # DCP's CheckpointException is a BaseException
+                if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                    raise
+                record.error = str(e)
+                self.records.append(record)
+                raise _save_error(step, trainer_dir, e) from e
             record.upload_s = time.perf_counter() - t0
             record.blocking_s = time.perf_counter() - t_call
             record.total_s = record.blocking_s
@@ -464,7 +503,9 @@ class Checkpointer:
     def wait(self) -> SaveRecord | None:
         """Block until the in-flight async save (if any) is durable; return its record.
 
-        Raises the save's exception (on every rank: DCP gathers write errors across ranks).
+        Raises:
+            CheckpointSaveError: the save failed (on every rank: DCP gathers write errors across
+                ranks; a rank that died or hangs makes the others fail after ``timeout``).
         """
         with self._lock:
             pending, record, (t_call, t0) = self._pending, self._pending_record, self._pending_t
@@ -473,10 +514,12 @@ class Checkpointer:
             return None
         try:
             pending.result()
-        except BaseException as e:
-            if record is not None:
-                record.error = f"{type(e).__name__}: {e}"
-            raise
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            if isinstance(e, (KeyboardInterrupt, SystemExit)) or record is None:
+                raise
+            err = _save_error(record.step, self.layout.trainer_dir(record.step), e)
+            record.error = str(err)
+            raise err from e
         assert record is not None
         if record.total_s is None:  # result() can return before the done-callback ran
             now = time.perf_counter()

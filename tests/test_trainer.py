@@ -49,3 +49,18 @@ def test_source_rank_key_rule():
     assert [source_rank_key(keys, r) for r in range(5)] == ["rank_0", "rank_1", "rank_0", "rank_1", "rank_0"]
     assert source_rank_key(["app.model.w"], 0) is None
     assert source_rank_key(["app.rank_state.rank_0.rng.torch_cpu"], 3) == "rank_0"
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_write_failure_on_one_rank_raises_everywhere(tmp_path, run_ranks, mode):
+    """ENOSPC on rank 1 only: every rank raises CheckpointSaveError naming rank 1 and the path,
+    the previous checkpoint still loads bitwise, nothing is deleted, and the job exits non-zero."""
+    res = run_ranks("save_failure.py", str(tmp_path / "run"), mode, timeout=180, check=False)
+    assert res.returncode != 0, res.stdout
+    for r in (0, 1):
+        assert f"rank {r}: CheckpointSaveError: " in res.stdout, res.stdout[-3000:]
+        assert f"rank {r}: step 1 still loads bitwise" in res.stdout
+    assert "checkpoint step 2 failed (rank 1: OSError: [Errno 28] No space left on device" in res.stdout
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_1", "step_2"]
+    assert (tmp_path / "run" / "checkpoints" / "step_1" / "trainer" / ".metadata").is_file()
+    assert not (tmp_path / "run" / "checkpoints" / "step_2" / "trainer" / ".metadata").exists()
