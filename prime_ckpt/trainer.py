@@ -368,6 +368,11 @@ class Checkpointer:
             for leftover in clean_leftovers(self.layout.checkpoints_dir) + clean_leftovers(self.layout.weights_dir):
                 logger.warning("removed a leftover of an interrupted write or delete: %s", leftover)
 
+    @property
+    def process_group(self):
+        """The dedicated gloo group of checkpoint collectives (None when not distributed)."""
+        return self._pg
+
     def _plan(self, current_step: int, in_flight: frozenset[int]) -> Plan:
         assert self.retention is not None
         return plan(scan_inventory(self.layout.output_dir), self.retention, current_step=current_step, in_flight=in_flight)
