@@ -3,7 +3,9 @@
 Each command is one function registered on :data:`app` that calls the library, then formats the
 result (rich tables, or ``--json``). Errors the library raises for a bad path or a bad file
 (:data:`USER_ERRORS`) become one line on stderr, ``error: <path>: <what is wrong>``, and exit
-code 2; ``prime-ckpt --debug <command>`` shows the traceback instead. Adding a command
+code 2; ``prime-ckpt --debug <command>`` shows the traceback instead. Exit codes of every
+command: 0 ok, 1 a check failed (``verify`` found a problem, ``diff`` a difference), 2 usage
+error or bad input. Adding a command
 (``list``, ``plan``, ``prune``, ``verify``, ``convert``, ``diff``) means adding one function
 decorated with ``@app.command("name")`` whose body runs inside ``with user_errors():``.
 """
@@ -14,16 +16,22 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any, Optional
+from enum import Enum
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from prime_ckpt.convert import ConvertError
 from prime_ckpt.dcp_metadata import MetadataError
 from prime_ckpt.inspection import InspectError, describe, to_dict
 from prime_ckpt.layout import CheckpointNotFoundError
+from prime_ckpt.manifest import ManifestError, VerifyTargetError
 from prime_ckpt.orchestrator import ProgressRecordError
+
+#: Exit code when a check (``verify``, ``diff``) found a problem or a difference.
+EXIT_CHECK_FAILED = 1
 
 #: Exit code for a bad path or an unreadable/unsafe file (same as click's usage errors).
 EXIT_USER_ERROR = 2
@@ -34,6 +42,9 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     MetadataError,
     ProgressRecordError,
     CheckpointNotFoundError,
+    ConvertError,
+    VerifyTargetError,
+    ManifestError,
     OSError,
 )
 
@@ -209,7 +220,7 @@ def inspect_cmd(
     path: Annotated[str, typer.Argument(metavar="PATH", help="Run output dir, checkpoints/ or weights/ dir, step_<N> dir, or trainer/ DCP dir.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (schema below) instead of tables.")] = False,
     name_filter: Annotated[
-        Optional[str], typer.Option("--filter", metavar="GLOB", help="Only tensors/entries whose name matches GLOB (fnmatch, case-sensitive).")
+        str | None, typer.Option("--filter", metavar="GLOB", help="Only tensors/entries whose name matches GLOB (fnmatch, case-sensitive).")
     ] = None,
 ) -> None:
     """Show what is in a checkpoint, from metadata only (never reads tensor data, writes nothing).
@@ -256,15 +267,15 @@ def inspect_cmd(
 
 # -- plan / prune ------------------------------------------------------------------------------
 _RunDir = Annotated[str, typer.Argument(metavar="OUTPUT_DIR", help="Run output dir (holds checkpoints/ and weights/).")]
-_Keep = Annotated[Optional[int], typer.Option("--keep", min=1, help="Keep the K newest complete checkpoint steps (default: keep all).")]
-_KeepInterval = Annotated[Optional[int], typer.Option("--keep-interval", min=1, help="Also keep checkpoint steps that are multiples of N.")]
+_Keep = Annotated[int | None, typer.Option("--keep", min=1, help="Keep the K newest complete checkpoint steps (default: keep all).")]
+_KeepInterval = Annotated[int | None, typer.Option("--keep-interval", min=1, help="Also keep checkpoint steps that are multiples of N.")]
 _AsyncLevel = Annotated[int, typer.Option("--async-level", min=0, help="k: checkpoint step x pins weights [x-k, x] (the seed's rule).")]
 _CurrentStep = Annotated[
-    Optional[int],
+    int | None,
     typer.Option("--current-step", min=0, help="The trainer's current step; higher steps belong to another run and are kept (default: the highest step on disk)."),
 ]
-_WeightsInterval = Annotated[Optional[int], typer.Option("--weights-interval", min=1, help="Also keep weights steps that are multiples of N.")]
-_ConsumerStep = Annotated[Optional[int], typer.Option("--consumer-step", min=0, help="Last weights step the inference side acknowledged; steps >= it are kept.")]
+_WeightsInterval = Annotated[int | None, typer.Option("--weights-interval", min=1, help="Also keep weights steps that are multiples of N.")]
+_ConsumerStep = Annotated[int | None, typer.Option("--consumer-step", min=0, help="Last weights step the inference side acknowledged; steps >= it are kept.")]
 
 
 def _plan_and_sizes(output_dir, keep, keep_interval, async_level, current_step, weights_interval, consumer_step):
@@ -359,6 +370,381 @@ def prune_cmd(
         typer.echo(f"error: {path}: {err}", err=True)
     if result.failed:
         raise typer.Exit(1)
+
+
+
+# -- list ----------------------------------------------------------------------------------------
+_ListAsyncLevel = Annotated[
+    int | None, typer.Option("--async-level", min=0, help="k: checkpoint step x pins weights [x-k, x]. Giving any retention option shows the plan's keep/delete per step.")
+]
+
+
+def _parts_cell(parts: dict[str, bool], present: list[str]) -> str:
+    cells = [p if ok else f"{p} (partial)" for p, ok in parts.items() if ok or p in present]
+    return "+".join(cells) if cells else "-"
+
+
+def _retention_cell(r: dict[str, Any] | None) -> str:
+    if r is None:
+        return "-"
+    colour = "red" if r["action"] == "delete" else "green"
+    return f"[{colour}]{r['action']}[/]: " + "; ".join(r["reasons"])
+
+
+@app.command("list")
+def list_cmd(
+    output_dir: _RunDir,
+    keep: _Keep = None,
+    keep_interval: _KeepInterval = None,
+    async_level: _ListAsyncLevel = None,
+    current_step: _CurrentStep = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (schema below) instead of tables.")] = False,
+) -> None:
+    """One row per checkpoint step and weights step: complete?, parts, bytes, progress, retention.
+
+    \b
+    Reads directory listings, orchestrator.pt (weights_only), save_info.json and manifest
+    presence; never tensor data; writes nothing. With --keep/--keep-interval/--async-level the
+    retention plan's decision is shown per step (as `plan` would make it); without them "-".
+    JSON ("schema": "prime-ckpt.list/1"):
+      {path, parts: ["trainer", "orchestrator"?] (what this run writes),
+       latest_complete_step: int | null,
+       policy: {keep, keep_interval, async_level, weights_interval, consumer_step} | null,
+       checkpoints: [{step, path, complete, parts: {trainer: bool, orchestrator: bool},
+                      present: [part], bytes (on disk), manifest: bool,
+                      progress: {step, total_samples, total_tokens, total_problems} | null
+                                (from orchestrator.pt),
+                      save_info: {mode, world_size, blocking_s, total_s, total_bytes} | null
+                                 (from the trainer's save_info.json),
+                      retention: {action: "keep"|"delete", reasons: [str]} | null,
+                      problems: [str]}],
+       weights: [{step, path, complete, bytes, manifest, retention}],
+       ignored: ["checkpoints/<name>" not ours]}
+    Exit codes: 0 listed (also when there are no steps); 2 bad path or option.
+    """
+    from prime_ckpt.inspection import list_run
+    from prime_ckpt.retention import RetentionPolicy
+
+    with user_errors():
+        policy = None
+        if keep is not None or keep_interval is not None or async_level is not None:
+            policy = RetentionPolicy(keep=keep, keep_interval=keep_interval, async_level=async_level or 0)
+        table = list_run(output_dir, policy, current_step).to_dict()
+    if as_json:
+        _print_json(table)
+        return
+    con = _console()
+    con.print(f"[bold]{table['path']}[/]  parts per step: {'+'.join(table['parts'])}")
+    t = Table(title="checkpoint steps", title_justify="left")
+    for col in ("step", "status", "parts", "bytes", "manifest", "progress (step/samples/tokens)", "save", "retention"):
+        t.add_column(col, overflow="fold", justify="right" if col in ("step", "bytes") else "left")
+    for r in table["checkpoints"]:
+        pr = r["progress"]
+        si = r["save_info"]
+        t.add_row(
+            str(r["step"]), _flag(r["complete"]), _parts_cell(r["parts"], r["present"]), _fmt_bytes(r["bytes"]),
+            "yes" if r["manifest"] else "-",
+            f"{pr['step']}/{pr['total_samples']}/{pr['total_tokens']}" if pr else "-",
+            f"{si.get('mode', '?')}, {si.get('world_size', '?')} ranks" if si else "-",
+            _retention_cell(r["retention"]),
+        )  # fmt: skip
+    con.print(t if table["checkpoints"] else "no checkpoint steps")
+    w = Table(title="weight steps", title_justify="left")
+    for col in ("step", "status", "bytes", "manifest", "retention"):
+        w.add_column(col, overflow="fold", justify="right" if col in ("step", "bytes") else "left")
+    for r in table["weights"]:
+        w.add_row(str(r["step"]), _flag(r["complete"]), _fmt_bytes(r["bytes"]), "yes" if r["manifest"] else "-", _retention_cell(r["retention"]))
+    con.print(w if table["weights"] else "no weight steps")
+    con.print(f"latest complete step: {table['latest_complete_step']}")
+    if table["ignored"]:
+        con.print("not ours (ignored): " + ", ".join(table["ignored"]))
+    for r in table["checkpoints"]:
+        for problem in r["problems"]:
+            typer.echo(f"warning: {problem}", err=True)
+
+
+# -- verify / manifest --------------------------------------------------------------------------
+@contextmanager
+def _progress(total: float, description: str) -> Iterator[Any]:
+    """A rich progress bar on stderr (only when stderr is a terminal); yields ``advance(n)``."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    err = Console(stderr=True)
+    columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn() if description == "hashing" else TextColumn("{task.completed:.0f}/{task.total:.0f}"), TimeRemainingColumn()]
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+_STATUS_STYLE = {"ok": "[green]ok[/]", "failed": "[red]FAILED[/]", "no manifest": "[yellow]NO MANIFEST[/]", "incomplete": "[red]INCOMPLETE[/]"}
+
+
+@app.command("verify")
+def verify_cmd(
+    path: Annotated[str, typer.Argument(metavar="PATH", help="Run output dir (every step), checkpoints/ or weights/ dir, or one step_<N> dir.")],
+    allow_missing_manifest: Annotated[
+        bool, typer.Option("--allow-missing-manifest", help="A step without manifest.json passes if its structure is sound (checksums cannot be checked).")
+    ] = False,
+    complete_only: Annotated[
+        bool, typer.Option("--complete-only", help="Incomplete steps (e.g. a save in progress) are reported but do not fail the check.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (schema below) instead of text.")] = False,
+) -> None:
+    """Check the integrity of checkpoint and weights steps against their manifest.json.
+
+    \b
+    Per step: every file the manifest lists is re-hashed (xxh3_64, read in chunks) and compared
+    (size and checksum); files missing from disk and extra files in a covered part are reported.
+    Also, without reading tensor data: .metadata reads safely, every data file it references
+    exists and is long enough, no unreferenced files in trainer/, orchestrator.pt loads with
+    weights_only, a weights dir has COMPLETE and a safetensors header that matches its size.
+    A step without manifest.json fails ("no manifest") unless --allow-missing-manifest;
+    `prime-ckpt manifest PATH` writes one for checkpoints saved before manifests existed.
+    A part written after the manifest (orchestrator.pt) is "unverified": checked, not hashed.
+    Writes nothing. A progress bar is shown on stderr when it is a terminal.
+    JSON ("schema": "prime-ckpt.verify/1"):
+      {path, ok: bool, allow_missing_manifest, complete_only,
+       steps: [{path, kind: "checkpoint"|"weights", step, status: "ok"|"failed"|"no manifest"|
+                "incomplete", manifest: bool, files_checked, bytes_checked,
+                problems: ["<path>: <what>"], unverified: [path]}]}
+    Exit codes: 0 every step ok; 1 a problem found (each named with its file); 2 bad path.
+    """
+    from prime_ckpt.manifest import (
+        VERIFY_SCHEMA,
+        all_ok,
+        manifest_bytes,
+        verify_step,
+        verify_targets,
+    )
+
+    with user_errors():
+        targets = verify_targets(path)
+        total = sum(manifest_bytes(t) for t in targets)
+        with _progress(total, "hashing") as advance:
+            reports = [verify_step(t, allow_missing_manifest=allow_missing_manifest, on_bytes=advance) for t in targets]
+    ok = all_ok(reports, complete_only)
+    if as_json:
+        _print_json({
+            "schema": VERIFY_SCHEMA, "path": path, "ok": ok, "allow_missing_manifest": allow_missing_manifest,
+            "complete_only": complete_only, "steps": [r.to_dict() for r in reports],
+        })  # fmt: skip
+    else:
+        con = _console()
+        for r in reports:
+            checked = f"{r.files_checked} files, {_fmt_bytes(r.bytes_checked)} checked" if r.manifest else "no checksums"
+            con.print(f"{_STATUS_STYLE.get(r.status, r.status)}  {r.kind} step {r.step}  {r.path}  ({checked})", soft_wrap=True)
+            for problem in r.problems:
+                con.print(f"    {problem}", markup=False, soft_wrap=True)
+            for u in r.unverified:
+                con.print(f"    {u}: not covered by manifest.json (written after it); checked, not hashed", markup=False, soft_wrap=True)
+        bad = sum(1 for r in reports if not r.ok)
+        con.print(f"{len(reports)} steps, {len(reports) - bad} ok, {bad} not ok" + (" (incomplete tolerated)" if complete_only else ""))
+    if not ok:
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+@app.command("manifest")
+def manifest_cmd(
+    path: Annotated[str, typer.Argument(metavar="PATH", help="Run output dir, checkpoints/ or weights/ dir, or one step_<N> dir.")],
+    force: Annotated[bool, typer.Option("--force", help="Rewrite existing manifests (accepts the files as they are now, even if they no longer match).")] = False,
+) -> None:
+    """Write manifest.json for steps that lack one (checkpoints saved before manifests existed).
+
+    \b
+    Only complete, structurally sound steps get a manifest (a manifest must not bless a broken
+    checkpoint); others are reported and skipped. The trainer writes manifests itself after each
+    committed save. This is the one command besides `prune` that writes into a checkpoint.
+    Exit codes: 0 every step has a manifest now; 1 a step was skipped; 2 bad path.
+    """
+    from prime_ckpt.manifest import (
+        MANIFEST_FILE,
+        verify_step,
+        verify_targets,
+        write_manifest,
+    )
+
+    con = _console()
+    skipped = 0
+    with user_errors():
+        targets = verify_targets(path)
+        for t in targets:
+            if (t / MANIFEST_FILE).is_file() and not force:
+                con.print(f"exists   {t}")
+                continue
+            r = verify_step(t, allow_missing_manifest=True) if not force else None
+            if r is not None and not r.ok:
+                skipped += 1
+                con.print(f"[red]skipped[/]  {t}: {r.status}: {r.problems[0] if r.problems else ''}", soft_wrap=True)
+                continue
+            written = write_manifest(t)
+            con.print(f"wrote    {written}")
+    if skipped:
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+# -- convert ---------------------------------------------------------------------------------------
+class _To(str, Enum):
+    torch_save = "torch-save"
+    safetensors = "safetensors"
+    dcp = "dcp"
+
+
+class _From(str, Enum):
+    auto = "auto"
+    torch_save = "torch-save"
+
+
+class _DType(str, Enum):
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+@app.command("convert")
+def convert_cmd(
+    src: Annotated[str, typer.Argument(metavar="PATH", help="Checkpoint step_<N> dir or trainer/ DCP dir; a weights step dir (for safetensors); a torch.save file (with --from torch-save).")],
+    out: Annotated[str, typer.Argument(metavar="OUT", help="Output file (torch-save, safetensors) or directory (dcp).")],
+    to: Annotated[_To | None, typer.Option("--to", help="Output format (default: dcp with --from torch-save; required otherwise).")] = None,
+    from_: Annotated[_From, typer.Option("--from", help="Input format: auto (DCP or weights dir) or torch-save (a torch.save file).")] = _From.auto,
+    dtype: Annotated[_DType | None, typer.Option("--dtype", help="safetensors only: cast floating-point tensors to this dtype.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists (a directory only if it is a DCP dir).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print what was written as JSON.")] = False,
+) -> None:
+    """Convert a checkpoint: DCP -> torch.save file or model.safetensors; torch.save -> DCP.
+
+    \b
+    --to torch-save   DCP -> one torch.save file of the nested state dict {"app": {...}}
+                      (model, optimizer, scheduler, progress, rank state; all in memory).
+    --to safetensors  DCP or weights dir -> HF-style model.safetensors with the model tensors
+                      only (names without "app.model."), optionally --dtype bf16|fp16|fp32.
+    --from torch-save PATH.pt OUT   torch.save file (e.g. the seed's single-file trainer.pt),
+                      loaded with weights_only=True -> DCP dir; a dict without a top-level
+                      "app" key is stored under "app" (keys app.model.* like the trainer's).
+    .metadata is read through the restricted unpickler and non-tensor values with
+    weights_only=True. The input is never modified; OUT is written under a temp name and
+    renamed into place; an existing OUT is refused without --force; OUT inside the input is
+    refused.
+    JSON: {"schema": "prime-ckpt.convert/1", source, source_kind: "dcp"|"weights"|"torch-save",
+           output, format, tensors, bytes, dtype, wrapped_in_app}
+    Exit codes: 0 written; 2 bad input, bad option or existing output.
+    """
+    from dataclasses import asdict
+
+    from prime_ckpt.convert import dcp_to_torch_save, to_safetensors, torch_save_to_dcp
+
+    with user_errors():
+        if from_ is _From.torch_save:
+            if to not in (None, _To.dcp):
+                raise ConvertError(f"{src}: --from torch-save converts to dcp only (got --to {to.value})")
+            if dtype is not None:
+                raise ConvertError(f"{src}: --dtype applies to --to safetensors only")
+            result = torch_save_to_dcp(src, out, force=force)
+        elif to is None:
+            raise ConvertError(f"{src}: --to is required (torch-save or safetensors), or --from torch-save")
+        elif to is _To.dcp:
+            raise ConvertError(f"{src}: --to dcp needs --from torch-save (the input is already DCP or safetensors)")
+        elif to is _To.torch_save:
+            if dtype is not None:
+                raise ConvertError(f"{src}: --dtype applies to --to safetensors only")
+            result = dcp_to_torch_save(src, out, force=force)
+        else:
+            result = to_safetensors(src, out, dtype=dtype.value if dtype else None, force=force)
+    if as_json:
+        _print_json({"schema": "prime-ckpt.convert/1", **asdict(result)})
+        return
+    note = " (stored under top-level key 'app')" if result.wrapped_in_app else ""
+    _console().print(
+        f"wrote {result.output} ({result.format}): {result.tensors} tensors, {result.bytes} bytes "
+        f"({_fmt_bytes(result.bytes)}) from {result.source} ({result.source_kind}){note}",
+        markup=False,
+        soft_wrap=True,
+    )
+
+
+# -- diff -----------------------------------------------------------------------------------------
+@app.command("diff")
+def diff_cmd(
+    a: Annotated[str, typer.Argument(metavar="A", help="Checkpoint step_<N> dir / trainer/ DCP dir, weights step dir or .safetensors file.")],
+    b: Annotated[str, typer.Argument(metavar="B", help="The same kinds as A.")],
+    values: Annotated[bool, typer.Option("--values", help="Also load and compare tensor values (one tensor per side at a time).")] = False,
+    atol: Annotated[float, typer.Option("--atol", min=0.0, help="With --values: a max abs difference <= ATOL counts as equal (default 0: bitwise).")] = 0.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (schema below) instead of tables.")] = False,
+) -> None:
+    """Compare two checkpoints: tensors added, removed, changed shape/dtype; with --values, values.
+
+    \b
+    Without --values only metadata is read (.metadata through the restricted unpickler,
+    safetensors headers). A DCP checkpoint against weights compares the model only
+    (app.model.* without the prefix). Non-tensor DCP entries are compared by name.
+    JSON ("schema": "prime-ckpt.diff/1"):
+      {a, b, a_kind, b_kind: "dcp"|"weights", model_only: bool,
+       added / removed: [{name, shape, dtype}], changed: [{name, a: {..}, b: {..}}],
+       same_layout: int (same name, shape, dtype), non_tensors_added / _removed: [name],
+       values: [{name, equal (bitwise), max_abs_diff (float, or "inf"/"nan")}] | null,
+       non_tensor_values: [{name, equal, a?, b? (reprs when different)}] | null,
+       atol, identical: bool}
+    Exit codes: 0 identical; 1 different; 2 bad path or unreadable/unsafe metadata.
+    """
+    from prime_ckpt.compare import diff
+
+    with user_errors():
+        if values:
+            from prime_ckpt.convert import open_source
+
+            n = len(open_source(a).tensors)
+            with _progress(n, "comparing") as advance:
+                result = diff(a, b, values=True, atol=atol, on_tensor=lambda _name: advance(1))
+        else:
+            result = diff(a, b)
+    d = result.to_dict()
+    if as_json:
+        _print_json(d)
+    else:
+        con = _console()
+        con.print(f"A: {d['a']} ({d['a_kind']})\nB: {d['b']} ({d['b_kind']})" + ("\n(model tensors only)" if d["model_only"] else ""), markup=False)
+        for key, title in (("added", "only in B (added)"), ("removed", "only in A (removed)")):
+            if d[key]:
+                t = Table(title=title, title_justify="left")
+                for col in ("name", "shape", "dtype"):
+                    t.add_column(col, overflow="fold")
+                for x in d[key]:
+                    t.add_row(x["name"], str(x["shape"]), x["dtype"])
+                con.print(t)
+        if d["changed"]:
+            t = Table(title="changed shape or dtype", title_justify="left")
+            for col in ("name", "A", "B"):
+                t.add_column(col, overflow="fold")
+            for x in d["changed"]:
+                t.add_row(x["name"], f"{x['a']['shape']} {x['a']['dtype']}", f"{x['b']['shape']} {x['b']['dtype']}")
+            con.print(t)
+        for key, title in (("non_tensors_added", "non-tensor entries only in B"), ("non_tensors_removed", "non-tensor entries only in A")):
+            if d[key]:
+                con.print(f"{title}: " + ", ".join(d[key]), markup=False)
+        if values:
+            differ = result.values_differ
+            if differ:
+                t = Table(title="values differ", title_justify="left")
+                t.add_column("name", overflow="fold")
+                t.add_column("max abs diff", justify="right")
+                for v in differ:
+                    t.add_row(v.name, f"{v.max_abs_diff:.6g}")
+                con.print(t)
+            con.print(f"values: {len(result.values or []) - len(differ)} of {len(result.values or [])} tensors equal" + (f" (atol {atol:g})" if atol else " (bitwise)"))
+            for v in d["non_tensor_values"] or []:
+                if not v["equal"]:
+                    con.print(f"non-tensor {v['name']}: {v['a']} != {v['b']}", markup=False, soft_wrap=True)
+        summary = (
+            f"{len(d['added'])} added, {len(d['removed'])} removed, {len(d['changed'])} changed, {d['same_layout']} same layout"
+        )
+        con.print(("identical: " if result.identical else "different: ") + summary)
+    if not result.identical:
+        raise typer.Exit(EXIT_CHECK_FAILED)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,17 +27,21 @@ from pathlib import Path
 from typing import Any, Union
 
 import torch
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    MetadataIndex,
+    TensorStorageMetadata,
+)
 
 from prime_ckpt.dcp_metadata import read_dcp_metadata
 from prime_ckpt.layout import (
     CHECKPOINTS_DIR,
     DCP_METADATA_FILE,
     ORCHESTRATOR_FILE,
-    detect_parts,
     TRAINER_PART,
     WEIGHTS_DIR,
     WEIGHTS_MARKER,
+    detect_parts,
     parse_step,
     scan_checkpoints,
     scan_weights,
@@ -488,3 +492,137 @@ def describe(path: Path | str, name_filter: str | None = None) -> Description:
     if (path / CHECKPOINTS_DIR).is_dir() or (path / WEIGHTS_DIR).is_dir():
         return _listing("run", path, path, checkpoints=True, weights=True)
     raise InspectError(f"{path}: not a checkpoint ({_EXPECTED})")
+
+
+# -- list (one row per step) ------------------------------------------------------------------
+#: Version tag of :func:`list_run`'s JSON (``RunTable.to_dict()``).
+LIST_SCHEMA = "prime-ckpt.list/1"
+
+_SAVE_INFO_KEYS = ("mode", "world_size", "blocking_s", "total_s", "total_bytes")
+
+
+@dataclass
+class ListedCheckpoint:
+    """One ``checkpoints/step_<N>`` row of :func:`list_run`.
+
+    ``bytes`` is the size on disk of the step dir; ``progress`` the orchestrator's
+    ``{step, total_samples, total_tokens, total_problems}`` (None without a readable
+    ``orchestrator.pt``); ``save_info`` a few fields of the trainer's ``save_info.json``;
+    ``retention`` ``{action, reasons}`` under the policy given, else None.
+    """
+
+    step: int
+    path: str
+    complete: bool
+    parts: dict[str, bool]
+    present: list[str]
+    bytes: int
+    manifest: bool
+    progress: dict[str, Any] | None
+    save_info: dict[str, Any] | None
+    retention: dict[str, Any] | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ListedWeights:
+    """One ``weights/step_<N>`` row of :func:`list_run`."""
+
+    step: int
+    path: str
+    complete: bool
+    bytes: int
+    manifest: bool
+    retention: dict[str, Any] | None = None
+
+
+@dataclass
+class RunTable:
+    """:func:`list_run`'s result: every step of a run with completeness, size and progress."""
+
+    path: str
+    parts: list[str]
+    latest_complete_step: int | None
+    policy: dict[str, Any] | None
+    checkpoints: list[ListedCheckpoint]
+    weights: list[ListedWeights]
+    ignored: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": LIST_SCHEMA, **asdict(self)}
+
+
+def list_run(output_dir: Path | str, policy: Any = None, current_step: int | None = None) -> RunTable:
+    """One row per checkpoint step and per weights step of a run (read-only, no tensor data).
+
+    Args:
+        output_dir: the run output dir (a ``checkpoints/`` or ``weights/`` dir means its parent).
+        policy: a :class:`prime_ckpt.retention.RetentionPolicy`; when given, every row carries
+            the plan's keep/delete decision and its reasons (``retention``), else ``None``.
+        current_step: passed to the planner (default: the highest step on disk).
+    Raises:
+        InspectError: ``output_dir`` is missing, not a directory, or not a run output dir.
+    """
+    from prime_ckpt.manifest import MANIFEST_FILE
+    from prime_ckpt.storage import tree_size
+
+    path = Path(output_dir)
+    if not path.exists():
+        raise InspectError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise InspectError(f"{path}: not a directory (expected a run output dir)")
+    root = path.parent if path.name in (CHECKPOINTS_DIR, WEIGHTS_DIR) else path
+    if not ((root / CHECKPOINTS_DIR).is_dir() or (root / WEIGHTS_DIR).is_dir()):
+        raise InspectError(f"{path}: not a run output dir (no {CHECKPOINTS_DIR}/ or {WEIGHTS_DIR}/)")
+    scanned = scan_checkpoints(root)
+    parts = detect_parts(scanned)
+    decisions: dict[tuple[str, int], dict[str, Any]] = {}
+    if policy is not None:
+        from prime_ckpt.retention import plan_output_dir
+
+        for e in plan_output_dir(root, policy, current_step=current_step).entries:
+            decisions[(e.kind, e.step)] = {"action": e.action, "reasons": list(e.reasons)}
+    rows = []
+    for c in scanned:
+        problems: list[str] = []
+        progress = None
+        orch = c.path / ORCHESTRATOR_FILE
+        if orch.is_file():
+            try:
+                p = load_progress(orch)
+                progress = {k: getattr(p, k) for k in ("step", "total_samples", "total_tokens", "total_problems")}
+            except (ProgressRecordError, OSError) as e:
+                problems.append(str(e))
+        info = _read_json(c.path / SAVE_INFO_FILE, problems)
+        rows.append(
+            ListedCheckpoint(
+                step=c.step,
+                path=str(c.path),
+                complete=c.complete(parts),
+                parts=dict(c.parts),
+                present=list(c.present),
+                bytes=tree_size(c.path),
+                manifest=(c.path / MANIFEST_FILE).is_file(),
+                progress=progress,
+                save_info={k: info[k] for k in _SAVE_INFO_KEYS if k in info} if info else None,
+                retention=decisions.get(("checkpoint", c.step)),
+                problems=problems,
+            )
+        )
+    weights = [
+        ListedWeights(
+            step=w.step, path=str(w.path), complete=w.complete, bytes=tree_size(w.path),
+            manifest=(w.path / MANIFEST_FILE).is_file(), retention=decisions.get(("weights", w.step)),
+        )
+        for w in scan_weights(root)
+    ]  # fmt: skip
+    complete = [r.step for r in rows if r.complete]
+    return RunTable(
+        path=str(root),
+        parts=list(parts),
+        latest_complete_step=max(complete) if complete else None,
+        policy={k: v for k, v in asdict(policy).items() if k != "parts"} if policy is not None else None,
+        checkpoints=rows,
+        weights=weights,
+        ignored=_ignored(root / CHECKPOINTS_DIR) + _ignored(root / WEIGHTS_DIR),
+    )

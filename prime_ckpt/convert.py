@@ -1,0 +1,405 @@
+"""Tensor readers for checkpoints, and conversions between formats (``prime-ckpt convert``).
+
+Readers (:func:`open_source`) give a name -> (shape, dtype) table from metadata alone and load
+tensors on request, a few at a time:
+
+* a DCP directory (``checkpoints/step_<N>`` or its ``trainer/``): the table is the ``.metadata``
+  read through :func:`prime_ckpt.dcp_metadata.read_dcp_metadata`; tensors are loaded with DCP
+  (sharded tensors come back whole) through :class:`~prime_ckpt.dcp_metadata.SafeFileSystemReader`
+  and :class:`~prime_ckpt.dcp_metadata.SafeLoadPlanner`, so nothing is unpickled with full
+  pickle;
+* a weights step directory (``weights/step_<N>``) or a ``.safetensors`` file: the table is the
+  safetensors header; tensors are read one by one.
+
+``model_only=True`` restricts a DCP source to the model (``app.model.*``) with that prefix
+stripped, which is how a DCP checkpoint lines up with a weights directory.
+
+Conversions (each writes to a temp name beside the output and renames it into place; an
+existing output is replaced only with ``force``; the input is only read):
+
+* :func:`dcp_to_torch_save`: a DCP checkpoint -> one ``torch.save`` file holding the nested state
+  dict (``{"app": {"model": ..., "optimizer": ..., ...}}``). Loads the whole state in memory.
+* :func:`to_safetensors`: a DCP checkpoint or a weights dir -> ``model.safetensors`` with the
+  model tensors only (names without ``app.model.``), optionally cast to another float dtype.
+* :func:`torch_save_to_dcp`: a ``torch.save`` file (e.g. the seed's single-file ``trainer.pt``),
+  read with ``weights_only=True`` -> a DCP directory. A state dict without a top-level ``"app"``
+  key is stored under ``"app"`` so that its ``model``/``optimizer`` entries get the keys
+  :class:`prime_ckpt.trainer.Checkpointer` uses (``app.model.*`` ...).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.metadata import (
+    Metadata,
+    StorageMeta,
+    TensorStorageMetadata,
+)
+
+from prime_ckpt.dcp_metadata import (
+    SafeFileSystemReader,
+    SafeLoadPlanner,
+    read_dcp_metadata,
+)
+from prime_ckpt.layout import (
+    DCP_METADATA_FILE,
+    TRAINER_PART,
+    WEIGHTS_MARKER,
+    parse_step,
+)
+from prime_ckpt.storage import atomic_write, fsync_dir, remove_tree, tmp_path_for
+
+#: Prefix of the model's tensors in a trainer checkpoint (``Checkpointer``'s ``app`` key).
+MODEL_PREFIX = "app.model."
+
+#: ``--dtype`` names for :func:`to_safetensors`.
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class ConvertError(ValueError):
+    """An input that cannot be read as asked, or an output that may not be written (one line,
+    names the path)."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Shape and dtype of one tensor, from metadata."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * self.dtype.itemsize
+
+
+@dataclass
+class TensorSource:
+    """Tensors of one checkpoint: ``tensors`` (name -> info, from metadata) and ``load``.
+
+    ``kind`` is ``"dcp"`` or ``"weights"``; ``non_tensors`` lists a DCP checkpoint's pickled
+    values (empty for weights); ``prefix`` is the stripped name prefix (``model_only``).
+    """
+
+    kind: str
+    path: Path
+    tensors: dict[str, TensorInfo]
+    non_tensors: list[str] = field(default_factory=list)
+    prefix: str = ""
+    _metadata: Metadata | None = None
+
+    def load(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Load the named tensors (CPU, full/unsharded, original dtype)."""
+        names = list(names)
+        if self.kind == "weights":
+            from safetensors import safe_open
+
+            with safe_open(str(self.path), framework="pt") as f:
+                return {n: f.get_tensor(n) for n in names}
+        sd = {self.prefix + n: torch.empty(self.tensors[n].shape, dtype=self.tensors[n].dtype) for n in names}
+        _dcp_load(self.path, self._metadata, sd, SafeLoadPlanner())
+        return {n: sd[self.prefix + n] for n in names}
+
+    def load_values(self, names: Iterable[str]) -> dict[str, Any]:
+        """Load non-tensor (pickled) DCP entries, with ``weights_only=True``."""
+        sd: dict[str, Any] = {self.prefix + n: None for n in names}
+        if sd:
+            _dcp_load(self.path, self._metadata, sd, SafeLoadPlanner())
+        return {n: sd[self.prefix + n] for n in names}
+
+    def iter_tensors(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` one at a time (memory: one tensor at a time)."""
+        for n in self.tensors if names is None else names:
+            yield n, self.load([n])[n]
+
+
+def _dcp_load(path: Path, metadata: Metadata | None, sd: dict[str, Any], planner: Any) -> None:
+    """``_load_state_dict`` without a process group; a read failure becomes one
+    :class:`ConvertError` naming the file (DCP wraps it in a multi-line ``CheckpointException``)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    try:
+        _load_state_dict(sd, storage_reader=_CachedReader(path, metadata), planner=planner, no_dist=True)
+    except CheckpointException as e:
+        failures = list(getattr(e, "failures", {}).values())
+        exc = failures[0][0] if failures and isinstance(failures[0], tuple) else (failures[0] if failures else e)
+        if isinstance(exc, OSError) and exc.filename:
+            raise ConvertError(f"{exc.filename}: {exc.strerror or type(exc).__name__}") from None
+        detail = (str(exc).splitlines() or [""])[0]
+        raise ConvertError(f"{path}: cannot load tensor data ({type(exc).__name__}: {detail}) - run `prime-ckpt verify`") from None
+
+
+class _CachedReader(SafeFileSystemReader):
+    """:class:`SafeFileSystemReader` that reuses metadata already read (safely) once."""
+
+    def __init__(self, path: Path, metadata: Metadata | None) -> None:
+        super().__init__(str(path))
+        self._cached = metadata
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if self._cached is None:
+            return super().read_metadata(*args, **kwargs)
+        if getattr(self._cached, "storage_meta", None) is None:
+            self._cached.storage_meta = StorageMeta()
+        self._cached.storage_meta.load_id = self.load_id
+        return self._cached
+
+
+# -- readers ----------------------------------------------------------------------------------
+def _safetensors_file(path: Path) -> Path | None:
+    from prime_ckpt.weights import MODEL_FILE
+
+    if path.is_file() and path.suffix == ".safetensors":
+        return path
+    if path.is_dir() and (path / MODEL_FILE).is_file():
+        return path / MODEL_FILE
+    return None
+
+
+def dcp_dir_of(path: Path | str) -> Path | None:
+    """The DCP directory ``path`` names (a ``trainer/`` or any dir with ``.metadata``, or a
+    checkpoint step dir holding ``trainer/``), or ``None``."""
+    path = Path(path)
+    if path.is_dir() and ((path / DCP_METADATA_FILE).is_file() or path.name == TRAINER_PART):
+        return path
+    if path.is_dir() and (path / TRAINER_PART).is_dir():
+        return path / TRAINER_PART
+    return None
+
+
+def open_dcp(trainer_dir: Path, *, model_only: bool = False) -> TensorSource:
+    """A DCP directory as a :class:`TensorSource` (reads ``.metadata`` only)."""
+    if not (trainer_dir / DCP_METADATA_FILE).is_file():
+        raise ConvertError(f"{trainer_dir}: {DCP_METADATA_FILE} missing (save did not finish?)")
+    md = read_dcp_metadata(trainer_dir)
+    prefix = MODEL_PREFIX if model_only else ""
+    tensors: dict[str, TensorInfo] = {}
+    non_tensors: list[str] = []
+    for fqn, entry in md.state_dict_metadata.items():
+        if not fqn.startswith(prefix):
+            continue
+        if isinstance(entry, TensorStorageMetadata):
+            tensors[fqn[len(prefix) :]] = TensorInfo(tuple(int(s) for s in entry.size), entry.properties.dtype)
+        else:
+            non_tensors.append(fqn[len(prefix) :])
+    if model_only and not tensors:
+        raise ConvertError(f"{trainer_dir}: no model tensors ({MODEL_PREFIX}*) in the checkpoint")
+    return TensorSource("dcp", trainer_dir, tensors, non_tensors, prefix, md)
+
+
+def open_safetensors(file: Path) -> TensorSource:
+    """A safetensors file as a :class:`TensorSource` (reads its header only)."""
+    from prime_ckpt.inspection import _SAFETENSORS_DTYPES
+    from prime_ckpt.manifest import safetensors_header
+
+    try:
+        header, _ = safetensors_header(file)
+    except OSError as e:
+        raise ConvertError(f"{file}: cannot read ({e.strerror or type(e).__name__})") from None
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise ConvertError(f"{file}: tensor {name}: unsupported dtype {entry.get('dtype')}")
+        tensors[name] = TensorInfo(tuple(int(s) for s in entry["shape"]), dtype)
+    return TensorSource("weights", file, dict(sorted(tensors.items())))
+
+
+def open_source(path: Path | str, *, model_only: bool = False) -> TensorSource:
+    """Open a checkpoint for reading tensors: a DCP dir / checkpoint step dir, a weights step
+    dir or a ``.safetensors`` file.
+
+    Raises:
+        ConvertError: ``path`` is missing, incomplete, or none of the above.
+        MetadataError: a DCP ``.metadata`` cannot be read safely.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ConvertError(f"{path}: no such file or directory")
+    st = _safetensors_file(path)
+    if st is not None:
+        if path.is_dir() and not (path / WEIGHTS_MARKER).is_file():
+            raise ConvertError(f"{path}: no {WEIGHTS_MARKER} marker (weights not finished?)")
+        return open_safetensors(st)
+    trainer_dir = dcp_dir_of(path)
+    if trainer_dir is not None:
+        return open_dcp(trainer_dir, model_only=model_only)
+    if path.is_dir() and (path / "orchestrator.pt").is_file():
+        raise ConvertError(f"{path}: no {TRAINER_PART}/ directory, not a trainer checkpoint")
+    kind = "a directory" if path.is_dir() else "a file"
+    raise ConvertError(
+        f"{path}: not a checkpoint ({kind}; expected a DCP dir, a checkpoint step_<N> dir, a weights "
+        "step dir or a .safetensors file)"
+    )
+
+
+# -- output safety ----------------------------------------------------------------------------
+def _is_within(child: Path, parent: Path) -> bool:
+    try:
+        child.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def check_output(out: Path | str, source: Path | str, *, force: bool, directory: bool) -> Path:
+    """Refuse an output that exists (without ``force``), lies inside the input, or (with
+    ``force``) is something this conversion must not replace. Returns ``out`` as a Path."""
+    out, source = Path(out), Path(source)
+    src_root = source
+    if source.name == "model.safetensors" and source.is_file():
+        src_root = source.parent
+    elif source.name == TRAINER_PART and parse_step(source.parent.name) is not None:
+        src_root = source.parent  # never write into the checkpoint step the input belongs to
+    if _is_within(out, src_root) or _is_within(source, out):
+        raise ConvertError(f"{out}: output overlaps the input {source} (the input is never modified)")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise ConvertError(f"{out}: already exists (use --force to overwrite)")
+        if directory:
+            if not out.is_dir() or (any(out.iterdir()) and not (out / DCP_METADATA_FILE).is_file()):
+                raise ConvertError(f"{out}: exists and is not a DCP directory; refusing to replace it even with --force")
+        elif out.is_dir():
+            raise ConvertError(f"{out}: is a directory; give a file name")
+    return out
+
+
+# -- conversions ------------------------------------------------------------------------------
+@dataclass
+class ConvertResult:
+    """What a conversion wrote: ``output``, ``format``, ``tensors`` (count) and ``bytes``
+    (tensor bytes written), the ``source`` and its ``source_kind``."""
+
+    source: str
+    source_kind: str
+    output: str
+    format: str
+    tensors: int
+    bytes: int
+    dtype: str | None = None
+    wrapped_in_app: bool = False
+
+
+class _SafeEmptyPlanner(_EmptyStateDictLoadPlanner, SafeLoadPlanner):
+    """DCP's ``_EmptyStateDictLoadPlanner`` (rebuilds the whole state dict from the metadata)
+    with :class:`SafeLoadPlanner`'s ``load_bytes`` (non-tensor values via ``weights_only=True``)."""
+
+
+def _tensor_stats(obj: Any) -> tuple[int, int]:
+    if isinstance(obj, torch.Tensor):
+        return 1, obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        n = b = 0
+        for v in obj:
+            dn, db = _tensor_stats(v)
+            n, b = n + dn, b + db
+        return n, b
+    return 0, 0
+
+
+def dcp_to_torch_save(source: Path | str, out: Path | str, *, force: bool = False) -> ConvertResult:
+    """A DCP checkpoint (step dir or ``trainer/``) -> one ``torch.save`` file at ``out``.
+
+    ``.metadata`` goes through the restricted unpickler and non-tensor values through
+    ``weights_only=True`` (DCP's own ``dcp_to_torch_save`` uses full pickle for both).
+    """
+    src = open_source(source)
+    if src.kind != "dcp":
+        raise ConvertError(f"{source}: --to torch-save needs a DCP checkpoint (a step_<N> or trainer/ dir)")
+    out = check_output(out, source, force=force, directory=False)
+    sd: dict[str, Any] = {}
+    _dcp_load(src.path, src._metadata, sd, _SafeEmptyPlanner())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda f: torch.save(sd, f))
+    n, b = _tensor_stats(sd)
+    return ConvertResult(str(source), "dcp", str(out), "torch-save", n, b)
+
+
+def to_safetensors(source: Path | str, out: Path | str, *, dtype: str | None = None, force: bool = False) -> ConvertResult:
+    """The model tensors of a DCP checkpoint or a weights dir -> ``model.safetensors`` at ``out``.
+
+    Args:
+        dtype: ``"bf16"``, ``"fp16"`` or ``"fp32"``: cast floating-point tensors (others are kept).
+    """
+    from safetensors.torch import save_file
+
+    if dtype is not None and dtype not in DTYPES:
+        raise ConvertError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    src = open_source(source, model_only=True)
+    out = check_output(out, source, force=force, directory=False)
+    target = DTYPES[dtype] if dtype else None
+    tensors = {}
+    for name, t in src.load(list(src.tensors)).items():
+        if target is not None and t.is_floating_point():
+            t = t.to(target)
+        tensors[name] = t.contiguous()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path_for(out)
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(out.parent)
+    n, b = _tensor_stats(tensors)
+    return ConvertResult(str(source), src.kind, str(out), "safetensors", n, b, dtype)
+
+
+def torch_save_to_dcp(source: Path | str, out: Path | str, *, force: bool = False) -> ConvertResult:
+    """A ``torch.save`` file -> a DCP directory at ``out`` (``weights_only=True`` load).
+
+    A dict without a top-level ``"app"`` key is saved as ``{"app": dict}`` (see module docstring).
+    """
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.state_dict_saver import _save_state_dict
+
+    source = Path(source)
+    if not source.exists():
+        raise ConvertError(f"{source}: no such file or directory")
+    if not source.is_file():
+        raise ConvertError(f"{source}: not a file (--from torch-save needs a torch.save file)")
+    out = check_output(out, source, force=force, directory=True)
+    try:
+        sd = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a corrupt/foreign file
+        detail = str(e).splitlines()[0] if str(e) else ""
+        raise ConvertError(f"{source}: not a torch.save file loadable with weights_only=True ({type(e).__name__}: {detail})") from None
+    if not isinstance(sd, dict):
+        raise ConvertError(f"{source}: holds a {type(sd).__name__}, expected a state dict (dict)")
+    wrapped = "app" not in sd
+    if wrapped:
+        sd = {"app": sd}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path_for(out)
+    remove_tree(tmp)
+    try:
+        _save_state_dict(sd, storage_writer=FileSystemWriter(str(tmp)), no_dist=True)
+        if out.exists():
+            remove_tree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        remove_tree(tmp)
+        raise
+    fsync_dir(out.parent)
+    n, b = _tensor_stats(sd)
+    return ConvertResult(str(source), "torch-save", str(out), "dcp", n, b, wrapped_in_app=wrapped)

@@ -1,0 +1,140 @@
+"""Bad input, one case each, for every command: exit code, one line naming the path, no
+traceback, nothing executed, nothing modified.
+
+Exit codes: 0 ok, 1 a check failed (verify found a problem), 2 bad path or unreadable input.
+``list`` reads no DCP metadata, so a broken ``.metadata`` is not its concern (exit 0); ``inspect``
+shows a missing shard / broken orchestrator.pt as a warning (exit 0); ``verify`` reports every
+problem it can find and exits 1.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+from dist_scripts.cli2_runs import copy_run, one_proc_run, snapshot
+from typer.testing import CliRunner
+
+from prime_ckpt.cli import app
+
+runner = CliRunner()
+
+
+class _Evil:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _build(case: str, tmp: Path, good: Path) -> tuple[Path, Path]:
+    """``(run root, target)``: ``list`` gets the run root, the other commands the target."""
+    if case == "nonexistent":
+        return tmp / "nope", tmp / "nope"
+    if case == "empty_dir":
+        (tmp / "empty").mkdir()
+        return tmp / "empty", tmp / "empty"
+    if case == "file":
+        (tmp / "a_file").write_text("hello")
+        return tmp / "a_file", tmp / "a_file"
+    if case == "no_steps":
+        (tmp / "run" / "checkpoints").mkdir(parents=True)
+        return tmp / "run", tmp / "run"
+    run = copy_run(good, tmp / "run")
+    step = run / "checkpoints" / "step_4"
+    meta = step / "trainer" / ".metadata"
+    if case == "truncated_metadata":
+        meta.write_bytes(meta.read_bytes()[:200])
+    elif case == "metadata_not_pickle":
+        meta.write_text("this is not a pickle\n")
+    elif case == "malicious_metadata":
+        meta.write_bytes(pickle.dumps(_Evil(tmp / "pwned")))
+    elif case == "flipped_shard":
+        _flip(step / "trainer" / "__0_0.distcp")
+    elif case == "missing_shard":
+        (step / "trainer" / "__0_0.distcp").unlink()
+    elif case == "orchestrator_not_torch":
+        (step / "orchestrator.pt").write_text("not a torch file")
+    elif case == "no_trainer":
+        import shutil
+
+        shutil.rmtree(step / "trainer")
+    return run, step
+
+
+# case: {command: (exit code, words in the one error line / in the report)}
+TABLE = {
+    "nonexistent": {"inspect": (2, "no such file or directory"), "list": (2, "no such file or directory"), "verify": (2, "no such file or directory"), "diff": (2, "no such file or directory"), "convert": (2, "no such file or directory")},
+    "empty_dir": {"inspect": (2, "not a checkpoint"), "list": (2, "not a run output dir"), "verify": (2, "not a checkpoint"), "diff": (2, "not a checkpoint"), "convert": (2, "not a checkpoint")},
+    "file": {"inspect": (2, "not a directory"), "list": (2, "not a directory"), "verify": (2, "not a directory"), "diff": (2, "not a checkpoint (a file"), "convert": (2, "not a checkpoint (a file")},
+    "no_steps": {"inspect": (0, None), "list": (0, "no checkpoint steps"), "verify": (2, "no step_<N> directories to verify"), "diff": (2, "not a checkpoint"), "convert": (2, "not a checkpoint")},
+    "truncated_metadata": {"inspect": (2, "truncated"), "list": (0, None), "verify": (1, "truncated"), "diff": (2, "truncated"), "convert": (2, "truncated")},
+    "metadata_not_pickle": {"inspect": (2, "not readable DCP metadata"), "list": (0, None), "verify": (1, "not readable DCP metadata"), "diff": (2, "not readable DCP metadata"), "convert": (2, "not readable DCP metadata")},
+    "malicious_metadata": {"inspect": (2, "refused to load: references posix.system"), "list": (0, None), "verify": (1, "refused to load"), "diff": (2, "refused to load"), "convert": (2, "refused to load")},
+    "flipped_shard": {"inspect": (0, None), "list": (0, None), "verify": (1, "__0_0.distcp: checksum mismatch"), "diff": (0, None), "convert": (None, None)},
+    "missing_shard": {"inspect": (0, None), "list": (0, None), "verify": (1, "__0_0.distcp: missing"), "diff": (0, None), "convert": (2, "__0_0.distcp: No such file or directory")},
+    "orchestrator_not_torch": {"inspect": (0, None), "list": (0, None), "verify": (1, "orchestrator.pt: not a readable orchestrator progress record"), "diff": (0, None), "convert": (0, None)},
+    "no_trainer": {"inspect": (2, "no trainer/ directory"), "list": (0, None), "verify": (1, "no trainer/ directory"), "diff": (2, "no trainer/ directory"), "convert": (2, "no trainer/ directory")},
+}  # fmt: skip
+
+
+@pytest.fixture
+def good(tmp_path_factory):
+    return one_proc_run(tmp_path_factory)[0]
+
+
+def _args(cmd: str, run: Path, target: Path, good: Path, out: Path) -> list[str]:
+    return {
+        "inspect": ["inspect", str(target)],
+        "list": ["list", str(run)],
+        "verify": ["verify", str(target)],
+        "diff": ["diff", str(target), str(good / "checkpoints" / "step_4")],
+        "convert": ["convert", str(target), str(out), "--to", "safetensors"],
+    }[cmd]
+
+
+@pytest.mark.parametrize("case", list(TABLE))
+def test_bad_input(case, tmp_path, good):
+    run, target = _build(case, tmp_path, good)
+    before = snapshot(run) if run.exists() else None
+    for cmd, (code, words) in TABLE[case].items():
+        out = tmp_path / "out" / f"{cmd}.safetensors"
+        result = runner.invoke(app, _args(cmd, run, target, good, out))
+        assert "Traceback" not in result.output, (cmd, result.output)
+        if code is None:  # not this command's job to notice (convert does not verify checksums)
+            assert result.exit_code in (0, 2), (cmd, result.output)
+            continue
+        assert result.exit_code == code, (cmd, result.output)
+        if code == 2:
+            lines = result.stderr.splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], (cmd, result.stderr)
+            assert str(target if cmd != "list" else run) in lines[0] or str(target) in lines[0], (cmd, lines)
+            assert result.stdout == ""
+        elif code == 1:
+            assert words in result.stdout and str(target) in result.stdout, (cmd, result.stdout)
+        elif words:
+            assert words in result.stdout, (cmd, result.stdout)
+    assert not (tmp_path / "pwned").exists()
+    if before is not None:
+        assert snapshot(run) == before
+
+
+def test_malicious_metadata_executes_nothing_in_convert_to_torch_save(tmp_path, good):
+    _run, step = _build("malicious_metadata", tmp_path, good)
+    r = runner.invoke(app, ["convert", str(step), str(tmp_path / "x.pt"), "--to", "torch-save"])
+    assert r.exit_code == 2 and "refused to load" in r.stderr
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "x.pt").exists()
+
+
+def test_debug_shows_traceback(tmp_path):
+    r = runner.invoke(app, ["--debug", "verify", str(tmp_path / "nope")])
+    assert r.exit_code != 0 and r.exception is not None and str(tmp_path / "nope") in str(r.exception)

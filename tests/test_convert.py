@@ -1,0 +1,152 @@
+"""prime_ckpt.convert: DCP -> torch.save / safetensors and torch.save -> DCP on real checkpoints,
+bitwise against the tensors the run had in memory; safe loads; outputs never clobber."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+from dist_scripts.cli2_runs import (
+    TWO_RANK_MODEL,
+    copy_run,
+    one_proc_run,
+    snapshot,
+    two_rank_run,
+)
+from safetensors.torch import load_file
+
+from prime_ckpt.convert import (
+    ConvertError,
+    dcp_to_torch_save,
+    open_source,
+    to_safetensors,
+    torch_save_to_dcp,
+)
+
+
+@pytest.fixture
+def two(run_ranks, tmp_path_factory):
+    return two_rank_run(run_ranks, tmp_path_factory)
+
+
+def _bitwise(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def test_dcp_to_torch_save_is_bitwise_equal_to_the_live_state(tmp_path, two):
+    run, ref = two
+    before = snapshot(run)
+    for step in (2, 4):  # step 2 saved sync, step 4 async
+        out = tmp_path / f"step_{step}.pt"
+        result = dcp_to_torch_save(run / "checkpoints" / f"step_{step}", out)
+        sd = torch.load(out, weights_only=True)
+        expected = torch.load(ref / f"step_{step}.pt", weights_only=True)
+        app = sd["app"]
+        for name, shape in TWO_RANK_MODEL.items():
+            assert list(app["model"][name].shape) == shape
+            assert _bitwise(app["model"][name], expected[f"model.{name}"]), name
+            for k in ("exp_avg", "exp_avg_sq", "step"):
+                assert _bitwise(app["optimizer"]["state"][name][k], expected[f"optim.{name}.{k}"]), (name, k)
+        assert app["progress"] == {"step": step, "total_samples": 5 * step, "total_tokens": 40 * step}
+        assert sorted(app["rank_state"]) == ["rank_0", "rank_1"]
+        assert result.format == "torch-save" and result.tensors == 22
+    assert snapshot(run) == before
+
+
+def test_dcp_to_safetensors_model_only(tmp_path, two):
+    run, ref = two
+    expected = torch.load(ref / "step_4.pt", weights_only=True)
+    out = tmp_path / "hf" / "model.safetensors"
+    r = to_safetensors(run / "checkpoints" / "step_4" / "trainer", out)
+    got = load_file(str(out))
+    assert sorted(got) == sorted(TWO_RANK_MODEL)
+    assert all(_bitwise(got[k], expected[f"model.{k}"]) for k in TWO_RANK_MODEL)
+    assert r.tensors == 4 and r.bytes == sum(v.numel() * 4 for v in got.values())
+    # the weights the run wrote at step 4 hold the same tensors
+    weights = load_file(str(run / "weights" / "step_4" / "model.safetensors"))
+    assert all(_bitwise(got[k], weights[k]) for k in TWO_RANK_MODEL)
+    bf16 = tmp_path / "bf16.safetensors"
+    to_safetensors(run / "checkpoints" / "step_4", bf16, dtype="bf16")
+    cast = load_file(str(bf16))
+    assert all(_bitwise(cast[k], expected[f"model.{k}"].to(torch.bfloat16)) for k in TWO_RANK_MODEL)
+
+
+def test_weights_dir_to_safetensors_and_mixed_dtypes(tmp_path, tmp_path_factory):
+    run, sd = one_proc_run(tmp_path_factory)
+    out = tmp_path / "w.safetensors"
+    to_safetensors(run / "weights" / "step_4", out)
+    got = load_file(str(out))
+    assert {k: v.dtype for k, v in got.items()} == {"0.weight": torch.float32, "0.bias": torch.float32, "1.weight": torch.bfloat16}
+    assert all(_bitwise(got[k], sd[k]) for k in sd)
+    out2 = tmp_path / "fp32.safetensors"
+    to_safetensors(run / "checkpoints" / "step_4", out2, dtype="fp32")
+    assert _bitwise(load_file(str(out2))["1.weight"], sd["1.weight"].float())
+
+
+def test_torch_save_to_dcp_round_trip(tmp_path, two):
+    run, _ = two
+    pt = tmp_path / "full.pt"
+    dcp_to_torch_save(run / "checkpoints" / "step_4", pt)
+    out = tmp_path / "dcp"
+    r = torch_save_to_dcp(pt, out)
+    assert r.wrapped_in_app is False and (out / ".metadata").is_file()
+    a, b = open_source(run / "checkpoints" / "step_4"), open_source(out)
+    assert a.tensors == b.tensors and sorted(a.non_tensors) == sorted(b.non_tensors)
+    for name in a.tensors:
+        assert _bitwise(a.load([name])[name], b.load([name])[name]), name
+
+
+def test_seed_single_file_trainer_pt_is_brought_in(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    seed = {"model": model.state_dict(), "progress": {"step": 7, "total_samples": 70, "total_tokens": 700}}
+    pt = tmp_path / "step_7" / "trainer.pt"
+    pt.parent.mkdir()
+    torch.save(seed, pt)
+    out = tmp_path / "run" / "checkpoints" / "step_7" / "trainer"
+    r = torch_save_to_dcp(pt, out)
+    assert r.wrapped_in_app is True
+    src = open_source(out)
+    assert sorted(src.tensors) == ["app.model.bias", "app.model.weight"]
+    assert _bitwise(src.load(["app.model.weight"])["app.model.weight"], model.weight.detach())
+    assert src.load_values(["app.progress.step"]) == {"app.progress.step": 7}
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_torch_save_input_is_loaded_weights_only(tmp_path):
+    pt = tmp_path / "evil.pt"
+    with open(pt, "wb") as f:
+        pickle.dump({"model": _Evil(tmp_path / "pwned")}, f)
+    with pytest.raises(ConvertError, match="not a torch.save file loadable with weights_only=True"):
+        torch_save_to_dcp(pt, tmp_path / "out")
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
+
+
+def test_outputs_never_clobber_or_overlap(tmp_path, tmp_path_factory):
+    run = copy_run(one_proc_run(tmp_path_factory)[0], tmp_path / "run")
+    step = run / "checkpoints" / "step_4"
+    existing = tmp_path / "exists.pt"
+    existing.write_bytes(b"keep me")
+    with pytest.raises(ConvertError, match="already exists"):
+        dcp_to_torch_save(step, existing)
+    assert existing.read_bytes() == b"keep me"
+    dcp_to_torch_save(step, existing, force=True)
+    assert "app" in torch.load(existing, weights_only=True)
+    with pytest.raises(ConvertError, match="overlaps the input"):
+        to_safetensors(step / "trainer", step / "model.safetensors")
+    (tmp_path / "a_dir").mkdir()
+    with pytest.raises(ConvertError, match="is a directory"):
+        dcp_to_torch_save(step, tmp_path / "a_dir", force=True)
+    with pytest.raises(ConvertError, match="not a DCP directory"):
+        torch_save_to_dcp(existing, run, force=True)  # would replace a whole run: refused
+    assert (run / "checkpoints" / "step_4" / "trainer" / ".metadata").is_file()
+    assert not list(tmp_path.glob(".*.tmp.*"))
