@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.metadata import (
 
 from prime_ckpt.dcp_metadata import read_dcp_metadata
 from prime_ckpt.layout import (
+    SAVE_INFO_FILE,
     CHECKPOINTS_DIR,
     DCP_METADATA_FILE,
     ORCHESTRATOR_FILE,
@@ -49,7 +50,6 @@ from prime_ckpt.layout import (
     weights_complete,
 )
 from prime_ckpt.orchestrator import ProgressRecordError, load_progress
-from prime_ckpt.trainer import SAVE_INFO_FILE
 from prime_ckpt.weights import CONFIG_FILE, MODEL_FILE
 
 #: Version tag of the JSON that :func:`describe` results serialise to (``to_dict()``).

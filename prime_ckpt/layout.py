@@ -38,6 +38,8 @@ ORCHESTRATOR_PART = "orchestrator"
 ORCHESTRATOR_FILE = "orchestrator.pt"
 DCP_METADATA_FILE = ".metadata"
 WEIGHTS_MARKER = "COMPLETE"
+SAVE_INFO_FILE = "save_info.json"
+MANIFEST_FILE = "manifest.json"
 
 #: The parts a full run (trainer + orchestrator) writes for each checkpoint step.
 RUN_PARTS: tuple[str, ...] = (TRAINER_PART, ORCHESTRATOR_PART)

@@ -51,6 +51,7 @@ import xxhash
 from prime_ckpt.layout import (
     CHECKPOINTS_DIR,
     DCP_METADATA_FILE,
+    MANIFEST_FILE,
     ORCHESTRATOR_FILE,
     ORCHESTRATOR_PART,
     TRAINER_PART,
@@ -63,7 +64,7 @@ from prime_ckpt.layout import (
 )
 from prime_ckpt.storage import atomic_write_bytes
 
-MANIFEST_FILE = "manifest.json"
+
 SCHEMA = "prime-ckpt.manifest/1"
 VERIFY_SCHEMA = "prime-ckpt.verify/1"
 ALGORITHM = "xxh3_64"

@@ -1,8 +1,8 @@
 """Retention: a pure planner (inventory + policy -> keep/delete with reasons) and its executor.
 
 The planner does no I/O: it takes the inventory that :func:`prime_ckpt.layout.scan_inventory`
-read and returns a :class:`Plan`. The executor (:func:`apply_plan`, :class:`Pruner`) deletes and
-decides nothing.
+read and returns a :class:`Plan`. The executor (:func:`apply_plan`) deletes and decides nothing;
+the trainer runs it on rank 0's background thread after each committed save.
 
 Rules (every one that applies is recorded as a reason on the entry):
 
@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -277,37 +275,6 @@ def apply_plan(p: Plan, *, remove: Callable[[Path], bool] = remove_tree) -> Appl
             logger.warning("retention: could not delete %s: %s", e.path, err)
             result.failed.append((e.path, f"{type(err).__name__}: {err}"))
     return result
-
-
-class Pruner:
-    """Runs plan-and-apply on a single background thread so the training loop never waits.
-
-    Call :meth:`submit` on rank 0 only, after the save that triggered it is committed. Jobs
-    run one at a time in submission order; :meth:`close` waits for them.
-
-    Args:
-        plan_fn: builds the plan (typically scans the inventory and calls :func:`plan`).
-    """
-
-    def __init__(self, plan_fn: Callable[[int, frozenset[int]], Plan]) -> None:
-        self._plan_fn = plan_fn
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prime-ckpt-prune")
-        self._lock = threading.Lock()
-        self.results: list[ApplyResult] = []
-
-    def submit(self, current_step: int, in_flight: Iterable[int] = ()) -> Future:
-        frozen = frozenset(in_flight)
-
-        def job() -> ApplyResult:
-            result = apply_plan(self._plan_fn(current_step, frozen))
-            with self._lock:
-                self.results.append(result)
-            return result
-
-        return self._pool.submit(job)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
 
 
 def plan_output_dir(

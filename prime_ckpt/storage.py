@@ -3,7 +3,7 @@
 Every write that the commit protocol relies on goes through here:
 ``tmp file -> write -> fsync(file) -> rename -> fsync(parent dir)``. A crash at any instant
 leaves either the old file or the complete new one, never a partial one under the final name.
-Temp files are named ``.<name>.tmp.<pid>`` so they never parse as a step or a part.
+Temp files are named ``.<name>.tmp.<pid>.<n>`` so they never parse as a step or a part.
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ def fsync_dir(path: Path | str) -> None:
 
 
 def tmp_path_for(path: Path | str) -> Path:
-    """The temp name used while ``path`` is being written: ``.<name>.tmp.<pid>`` beside it."""
+    """A fresh temp name for writing ``path``: ``.<name>.tmp.<pid>.<n>`` beside it (unique per
+    call, so two threads of one process writing the same file never share a temp file)."""
     path = Path(path)
-    return path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    return path.with_name(f".{path.name}.tmp.{os.getpid()}.{next(_counter)}")
 
 
 def atomic_write(path: Path | str, write: Callable[[BinaryIO], None]) -> None:

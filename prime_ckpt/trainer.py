@@ -26,7 +26,7 @@ import random
 import re
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -45,14 +45,14 @@ from torch.distributed.tensor import DTensor
 
 from prime_ckpt.config import CheckpointConfig
 from prime_ckpt.dcp_metadata import SafeFileSystemReader, SafeLoadPlanner, read_dcp_metadata
-from prime_ckpt.layout import TRAINER_PART, RunLayout, resolve_resume_step, scan_inventory
-from prime_ckpt.retention import Plan, Pruner, RetentionPolicy, plan
+from prime_ckpt.layout import DCP_METADATA_FILE, SAVE_INFO_FILE, TRAINER_PART, RunLayout, resolve_resume_step, scan_inventory
+from prime_ckpt.manifest import write_manifest
+from prime_ckpt.retention import Plan, RetentionPolicy, apply_plan, plan
 from prime_ckpt.staging import ReusedBufferStager
 from prime_ckpt.storage import atomic_write_bytes, clean_leftovers, remove_tree
 
 logger = logging.getLogger(__name__)
 
-SAVE_INFO_FILE = "save_info.json"
 APP_KEY = "app"
 
 
@@ -337,7 +337,10 @@ class Checkpointer:
         #: the retention policy applied after each committed save (None: ``--ckpt.keep`` unset,
         #: nothing is ever deleted, as in the seed)
         self.retention: RetentionPolicy | None = None
-        self._pruner: Pruner | None = None
+        # Rank 0's post-commit work (save record, manifest, retention) runs on one background
+        # thread, in commit order, so neither hashing nor deleting ever blocks the training loop.
+        self._post_commit: ThreadPoolExecutor | None = None
+        self._post_commit_jobs: list[Future] = []
         if config.keep is not None:
             self.retention = RetentionPolicy(
                 keep=config.keep,
@@ -346,8 +349,7 @@ class Checkpointer:
                 weights_interval=weights_interval,
                 parts=parts,
             )
-            if _rank() == 0:  # one decider: rank 0 alone deletes on shared storage
-                self._pruner = Pruner(self._plan)
+
         self.records: list[SaveRecord] = []
         self._pending: Future | None = None
         self._pending_record: SaveRecord | None = None
@@ -377,10 +379,31 @@ class Checkpointer:
         assert self.retention is not None
         return plan(scan_inventory(self.layout.output_dir), self.retention, current_step=current_step, in_flight=in_flight)
 
-    def _committed(self, step: int) -> None:
-        """Called on every rank once checkpoint ``step`` is durable; rank 0 queues pruning."""
-        if self._pruner is not None:
-            self._pruner.submit(step)
+    def _committed(self, record: SaveRecord) -> None:
+        """Called on every rank once a save is durable (for async saves from DCP's upload
+        thread); rank 0 queues the post-commit job and returns at once."""
+        if _rank() != 0:
+            return
+        if self._post_commit is None:
+            self._post_commit = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prime-ckpt-commit")
+        self._post_commit_jobs = [f for f in self._post_commit_jobs if not f.done()]
+        self._post_commit_jobs.append(self._post_commit.submit(self._post_commit_job, record))
+
+    def _post_commit_job(self, record: SaveRecord) -> None:
+        """Rank 0, background: write ``save_info.json`` and ``manifest.json`` for the committed
+        step, then apply retention (one decider: rank 0 alone deletes on shared storage).
+        Failures are logged, never raised: the checkpoint itself is already committed."""
+        step_dir = self.layout.step_dir(record.step)
+        try:
+            atomic_write_bytes(step_dir / SAVE_INFO_FILE, json.dumps(asdict(record), indent=2).encode())
+            write_manifest(step_dir)
+        except (OSError, ValueError) as e:
+            logger.warning("%s: could not write the save record or manifest: %s", step_dir, e)
+        if self.retention is not None:
+            try:
+                apply_plan(self._plan(record.step, frozenset()))
+            except OSError as e:
+                logger.warning("retention after step %d failed: %s", record.step, e)
 
     def _barrier(self) -> None:
         if self._pg is not None:
@@ -456,7 +479,7 @@ class Checkpointer:
             record.blocking_s = time.perf_counter() - t_call
             record.total_s = record.blocking_s
             self._finish(record)
-            self._committed(step)
+            self._committed(record)
             return record
         assert self._stager is not None
         t0 = time.perf_counter()
@@ -481,7 +504,7 @@ class Checkpointer:
             else:
                 # Upload completion on rank 0 means .metadata is written: the step is committed.
                 # Pruning runs on the pruner's thread; this callback only queues it.
-                self._committed(record.step)
+                self._committed(record)
 
         upload.add_done_callback(_done)
         with self._lock:
@@ -492,14 +515,6 @@ class Checkpointer:
     def _finish(self, record: SaveRecord) -> None:
         if record not in self.records:
             self.records.append(record)
-        if _rank() == 0 and record.error is None:
-            info = asdict(record)
-            try:
-                atomic_write_bytes(
-                    self.layout.step_dir(record.step) / SAVE_INFO_FILE, json.dumps(info, indent=2).encode()
-                )
-            except OSError as e:  # informational only; the checkpoint itself is committed
-                logger.warning("could not write %s: %s", SAVE_INFO_FILE, e)
         logger.info(
             "checkpoint step %d (%s): blocked %.3f s (staging %.3f s), durable after %.3f s, %d bytes/rank",
             record.step, record.mode, record.blocking_s, record.staging_s, record.total_s or 0.0, record.bytes,
@@ -541,8 +556,9 @@ class Checkpointer:
         try:
             self.wait()
         finally:
-            if self._pruner is not None:
-                self._pruner.close()
+            if self._post_commit is not None:
+                self._post_commit.shutdown(wait=True)
+                self._post_commit = None
             if self._stager is not None:
                 self._stager.close()
                 self._stager = None
@@ -564,7 +580,7 @@ class Checkpointer:
             FileNotFoundError: ``checkpoints/step_<step>/trainer`` is not a complete checkpoint.
         """
         trainer_dir = self.layout.trainer_dir(step)
-        if not (trainer_dir / ".metadata").is_file():
+        if not (trainer_dir / DCP_METADATA_FILE).is_file():
             raise FileNotFoundError(f"{trainer_dir}: not a complete trainer checkpoint (no .metadata)")
         sd = {APP_KEY: state.state_dict()}
         metadata = read_dcp_metadata(trainer_dir)

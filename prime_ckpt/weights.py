@@ -19,6 +19,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from prime_ckpt.layout import WEIGHTS_MARKER, RunLayout, weights_complete
+from prime_ckpt.manifest import write_manifest
 from prime_ckpt.storage import atomic_write_bytes, fsync_dir, fsync_file, remove_tree
 
 MODEL_FILE = "model.safetensors"
@@ -50,7 +51,8 @@ def write_weights(step_dir: Path | str, state_dict: dict[str, torch.Tensor], con
     """Write one weights step directory; call on one process (rank 0).
 
     Order: remove any stale directory of that step, write ``model.safetensors`` and
-    ``config.json``, fsync both and the directory, then write ``COMPLETE`` atomically.
+    ``config.json``, fsync both, write ``manifest.json`` (sizes and checksums), fsync the
+    directory, then write ``COMPLETE`` atomically.
 
     Args:
         step_dir: ``weights/step_<N>``.
@@ -66,6 +68,7 @@ def write_weights(step_dir: Path | str, state_dict: dict[str, torch.Tensor], con
     (step_dir / CONFIG_FILE).write_text(json.dumps(config or {}, indent=2, sort_keys=True))
     fsync_file(step_dir / MODEL_FILE)
     fsync_file(step_dir / CONFIG_FILE)
+    write_manifest(step_dir)  # sizes + checksums for `prime-ckpt verify` (written atomically)
     fsync_dir(step_dir)
     atomic_write_bytes(step_dir / WEIGHTS_MARKER, b"")
     return step_dir

@@ -15,7 +15,6 @@ from prime_ckpt.retention import (
     IN_FLIGHT,
     NEWEST_COMPLETE,
     Plan,
-    Pruner,
     RetentionConfigError,
     RetentionPolicy,
     apply_plan,
@@ -232,16 +231,6 @@ def test_apply_carries_on_after_oserror(tmp_path):
     result = apply_plan(p, remove=flaky)
     assert [x.name for x in result.deleted] == ["step_2"]
     assert result.failed[0][0].name == "step_1" and "Permission denied" in result.failed[0][1]
-
-
-def test_pruner_runs_in_background_in_order(tmp_path):
-    _make_run(tmp_path, range(1, 6), range(0, 6))
-    policy = RetentionPolicy(keep=2, async_level=0)
-    pruner = Pruner(lambda cur, in_flight: plan(scan_inventory(tmp_path), policy, current_step=cur, in_flight=in_flight))
-    pruner.submit(5).result(timeout=30)
-    pruner.close()
-    assert sorted(int(x.name[5:]) for x in (tmp_path / "checkpoints").iterdir()) == [4, 5]
-    assert sorted(int(x.name[5:]) for x in (tmp_path / "weights").iterdir()) == [4, 5]
 
 
 # -- integration: the trainer prunes every step while a slow consumer reads weights -----------

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from prime_ckpt.layout import scan_checkpoints
+from prime_ckpt.manifest import verify_manifest
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
@@ -19,6 +20,10 @@ def test_roundtrip_bitwise_and_async_snapshot(tmp_path, run_ranks, mode):
     assert files == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     info = json.loads((step.path / "save_info.json").read_text())
     assert info["step"] == 2 and info["mode"] == mode and info["world_size"] == 2 and info["bytes"] > 0
+    assert info["total_bytes"] > info["bytes"] and info["total_s"] >= info["blocking_s"]
+    # the post-commit job wrote a manifest covering every trainer file; it verifies
+    report = verify_manifest(step.path)
+    assert report.ok and report.files_checked == 3, report
 
 
 def _run(run_ranks, out, result, *args):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from prime_ckpt.layout import RunLayout, scan_weights
+from prime_ckpt.manifest import verify_manifest
 from prime_ckpt.weights import (
     WeightsNotReadyError,
     load_weights,
@@ -21,7 +22,8 @@ def test_save_and_load_bitwise(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 2)).to(torch.bfloat16)
     d = save_weights(tmp_path, 3, model, {"d_model": 7})
     assert d == RunLayout(tmp_path).weights_step_dir(3)
-    assert sorted(p.name for p in d.iterdir()) == ["COMPLETE", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in d.iterdir()) == ["COMPLETE", "config.json", "manifest.json", "model.safetensors"]
+    assert verify_manifest(d).ok and verify_manifest(d).files_checked == 2
     sd, cfg = load_weights(d)
     assert cfg == {"d_model": 7, "step": 3}
     ref = model.state_dict()
@@ -43,7 +45,7 @@ def test_rewrite_replaces_stale_files(tmp_path):
     d.mkdir(parents=True)
     (d / "stale.bin").write_bytes(b"old")
     write_weights(d, {"w": torch.zeros(3)})
-    assert sorted(p.name for p in d.iterdir()) == ["COMPLETE", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in d.iterdir()) == ["COMPLETE", "config.json", "manifest.json", "model.safetensors"]
 
 
 def test_wait_for_weights(tmp_path):
