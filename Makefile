@@ -15,7 +15,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,bench]"
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -27,8 +27,13 @@ test-slow: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
+# fault injection: SIGKILL the example job (whole job or one rank) at random instants, resume, check
+.PHONY: faults
+faults: $(STAMP)
+	$(PY) -m tests.faults.harness --trials $${FAULT_TRIALS:-200} --seed $${FAULT_SEED:-0}
+
 bench: $(STAMP)
-	$(PY) benchmarks/save_latency.py
+	$(PY) benchmarks/save_latency.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m pip install -q ruff

@@ -49,7 +49,7 @@ from prime_ckpt.layout import DCP_METADATA_FILE, SAVE_INFO_FILE, TRAINER_PART, R
 from prime_ckpt.manifest import write_manifest
 from prime_ckpt.retention import Plan, RetentionPolicy, apply_plan, plan
 from prime_ckpt.staging import ReusedBufferStager
-from prime_ckpt.storage import atomic_write_bytes, clean_leftovers, remove_tree
+from prime_ckpt.storage import atomic_write_bytes, clean_leftovers, remove_tree, tree_size
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +267,8 @@ class SaveRecord:
         upload_s: seconds from the start of the write to durable (s), set when done.
         total_s: seconds from ``save()`` call to durable (s), set when done.
         bytes: bytes of tensor data this rank saved (local shards; bytes).
-        total_bytes: bytes of tensor data all ranks saved together (bytes).
+        total_bytes: bytes of the committed trainer directory on disk, all ranks (bytes; set
+            by rank 0 after the commit, 0 before).
         world_size: ranks that took part.
         error: the error text if the save failed.
     """
@@ -395,6 +396,7 @@ class Checkpointer:
         Failures are logged, never raised: the checkpoint itself is already committed."""
         step_dir = self.layout.step_dir(record.step)
         try:
+            record.total_bytes = tree_size(self.layout.trainer_dir(record.step))
             atomic_write_bytes(step_dir / SAVE_INFO_FILE, json.dumps(asdict(record), indent=2).encode())
             write_manifest(step_dir)
         except (OSError, ValueError) as e:
@@ -404,10 +406,6 @@ class Checkpointer:
                 apply_plan(self._plan(record.step, frozenset()))
             except OSError as e:
                 logger.warning("retention after step %d failed: %s", record.step, e)
-
-    def _barrier(self) -> None:
-        if self._pg is not None:
-            dist.barrier(group=self._pg)
 
     # -- policy -----------------------------------------------------------------------------
     def should_save(self, step: int) -> bool:
@@ -454,17 +452,15 @@ class Checkpointer:
         trainer_dir = self.layout.trainer_dir(step)
         if _rank() == 0 and trainer_dir.exists():
             # A stale directory from an earlier run or a crashed save: never mix old and new files.
+            # No barrier needed: every rank writes only after DCP's planning collective, which
+            # rank 0 joins after this removal (a directory another rank already re-created is
+            # re-created again by rank 0's own planning step).
             logger.warning("%s exists (stale or earlier save); replacing it", trainer_dir)
             remove_tree(trainer_dir)
-        self._barrier()
         record = SaveRecord(step=step, mode="async" if self.config.save_async else "sync", world_size=_world_size())
         record.wait_previous_s = wait_prev
         sd = {APP_KEY: state.state_dict()}
-        record.bytes = record.total_bytes = local_tensor_bytes(sd)
-        if dist.is_available() and dist.is_initialized():
-            total = torch.tensor([record.bytes], dtype=torch.int64)
-            dist.all_reduce(total, group=self._pg)
-            record.total_bytes = int(total.item())
+        record.bytes = local_tensor_bytes(sd)  # no collective on the blocking path
         if not self.config.save_async:
             t0 = time.perf_counter()
             try:

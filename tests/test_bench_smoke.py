@@ -1,0 +1,66 @@
+"""Smoke test of benchmarks/save_latency.py in its smallest --quick mode: it runs to the end under
+a hard timeout and writes the JSON / markdown / plot with the documented schema. No timing is
+asserted anywhere (timings on shared CI machines are noise)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, run_proc
+
+# The benchmark's own dependencies (`pip install -e ".[bench]"`, what `make bench` installs).
+for _mod in ("psutil", "matplotlib", "s3fs", "moto"):
+    pytest.importorskip(_mod, reason='needs the bench extra: pip install -e ".[bench]"')
+
+SCRIPT = ROOT / "benchmarks" / "save_latency.py"
+TARGETS = {
+    "blocking_vs_memcpy",
+    "async_blocking_vs_sync",
+    "save_vs_raw_write",
+    "load_vs_raw_read",
+    "step_overhead",
+    "async_peak_rss_vs_state",
+    "rss_drift_20_saves",
+}
+
+
+def test_quick_benchmark_writes_results_with_schema(tmp_path):
+    args = [
+        "--quick", "--world-sizes", "1", "--sizes", "8M", "--reps", "1", "--steps", "10", "--rss-saves", "2",
+        "--no-process", "--name", "smoke", "--results-dir", str(tmp_path), "--timeout", "80",
+    ]
+    run_proc([sys.executable, str(SCRIPT), *args], timeout=90)
+    result = json.loads((tmp_path / "smoke.json").read_text())
+    assert (tmp_path / "smoke.md").read_text().startswith("# Save latency: smoke")
+    assert (tmp_path / "smoke.png").stat().st_size > 0
+
+    env = result["environment"]
+    assert {"torch", "cpu_count", "device"} <= env.keys()
+    assert result["errors"] == []
+
+    cases = {(r["case"], r["storage"]) for r in result["records"]}
+    assert {("memcpy", "memory"), ("raw_write", "local"), ("torch_save", "local"), ("dcp_save", "local"),
+            ("dcp_async_default", "local"), ("ckpt_sync", "local"), ("ckpt_async_thread", "local"),
+            ("raw_write", "s3"), ("dcp_save", "s3"), ("dcp_async_reused", "s3"),
+            ("raw_read", "local"), ("torch_load", "local"), ("ckpt_load", "local"), ("dcp_load", "s3")} <= cases
+    for r in result["records"]:
+        assert r["error"] is None, r
+        for key in ("case", "kind", "storage", "world_size", "size_bytes", "per_rank_bytes", "reps", "blocking_s",
+                    "durable_s", "throughput_gbps", "peak_rss_bytes", "torch", "cpu_count", "device"):
+            assert key in r, (key, r["case"])
+        assert r["reps"] == 1
+        for stat in ("blocking_s", "durable_s"):
+            assert set(r[stat]) == {"median", "min", "max"}
+            assert r[stat]["min"] <= r[stat]["median"] <= r[stat]["max"]
+        assert r["throughput_gbps"] > 0
+
+    targets = {k: v for k, v in result["targets"].items() if not k.startswith("_")}
+    assert set(targets) == TARGETS
+    for name, t in targets.items():
+        assert {"value", "limit", "holds"} <= t.keys(), name
+        assert isinstance(t["value"], float) and math.isfinite(t["value"]), name
+        assert isinstance(t["limit"], float | int) and isinstance(t["holds"], bool), name
