@@ -798,7 +798,7 @@ class Worker:
         step = 0
         blocks = 4
         per_block = max(10, self.s.steps // (blocks // 2))
-        for i in range(3):  # warm-up (and the first save allocates the staging buffers)
+        for _ in range(3):  # warm-up (and the first save allocates the staging buffers)
             train_step(model, opt, batch=32)
         ck.save(10_000, state)
         ck.wait()

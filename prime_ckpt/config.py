@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
-from pydantic_settings import SettingsError
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 if sys.version_info >= (3, 11):
     import tomllib

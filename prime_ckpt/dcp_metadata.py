@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint  # noqa: F401 - loads the metadata/filesystem modules
+import torch.distributed.checkpoint
 from torch.distributed.checkpoint.metadata import Metadata
 
 from prime_ckpt.layout import DCP_METADATA_FILE

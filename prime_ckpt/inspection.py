@@ -24,7 +24,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint.metadata import (
@@ -35,10 +35,10 @@ from torch.distributed.checkpoint.metadata import (
 
 from prime_ckpt.dcp_metadata import read_dcp_metadata
 from prime_ckpt.layout import (
-    SAVE_INFO_FILE,
     CHECKPOINTS_DIR,
     DCP_METADATA_FILE,
     ORCHESTRATOR_FILE,
+    SAVE_INFO_FILE,
     TRAINER_PART,
     WEIGHTS_DIR,
     WEIGHTS_MARKER,
@@ -211,7 +211,7 @@ class WeightsStepInfo:
     problems: list[str] = field(default_factory=list)
 
 
-Description = Union[RunListing, CheckpointStepInfo, TrainerDirInfo, WeightsStepInfo]
+Description = RunListing | CheckpointStepInfo | TrainerDirInfo | WeightsStepInfo
 
 
 def to_dict(result: Description) -> dict[str, Any]:
@@ -387,7 +387,7 @@ def describe_weights_step(step_dir: Path | str, name_filter: str | None = None) 
         try:
             tensors = []
             with safe_open(str(model), framework="pt") as f:
-                for name in f.keys():
+                for name in f:
                     if not _matches(name, name_filter):
                         continue
                     sl = f.get_slice(name)

@@ -64,7 +64,6 @@ from prime_ckpt.layout import (
 )
 from prime_ckpt.storage import atomic_write_bytes
 
-
 SCHEMA = "prime-ckpt.manifest/1"
 VERIFY_SCHEMA = "prime-ckpt.verify/1"
 ALGORITHM = "xxh3_64"

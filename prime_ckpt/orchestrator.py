@@ -64,7 +64,7 @@ class OrchestratorProgress:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "OrchestratorProgress":
+    def from_dict(cls, d: dict[str, Any]) -> OrchestratorProgress:
         names = {f.name for f in fields(cls)}
         if not isinstance(d, dict) or "step" not in d:
             raise ProgressRecordError("not a progress record (no 'step' field)")

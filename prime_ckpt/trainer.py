@@ -26,30 +26,46 @@ import random
 import re
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from collections.abc import Iterable
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
-import torch.nn as nn
+from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
 from prime_ckpt.config import CheckpointConfig
-from prime_ckpt.dcp_metadata import SafeFileSystemReader, SafeLoadPlanner, read_dcp_metadata
-from prime_ckpt.layout import DCP_METADATA_FILE, SAVE_INFO_FILE, TRAINER_PART, RunLayout, resolve_resume_step, scan_inventory
+from prime_ckpt.dcp_metadata import (
+    SafeFileSystemReader,
+    SafeLoadPlanner,
+    read_dcp_metadata,
+)
+from prime_ckpt.layout import (
+    DCP_METADATA_FILE,
+    SAVE_INFO_FILE,
+    TRAINER_PART,
+    RunLayout,
+    resolve_resume_step,
+    scan_inventory,
+)
 from prime_ckpt.manifest import write_manifest
 from prime_ckpt.retention import Plan, RetentionPolicy, apply_plan, plan
 from prime_ckpt.staging import ReusedBufferStager
-from prime_ckpt.storage import atomic_write_bytes, clean_leftovers, remove_tree, tree_size
+from prime_ckpt.storage import (
+    atomic_write_bytes,
+    clean_leftovers,
+    remove_tree,
+    tree_size,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from prime_ckpt.layout import WEIGHTS_MARKER, RunLayout, weights_complete
 from prime_ckpt.manifest import write_manifest
@@ -36,7 +36,10 @@ def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     Collective when ``torch.distributed`` is initialised: every rank must call it. Returns
     ``{name: tensor}`` (CPU, contiguous, original dtypes) on rank 0 and ``{}`` elsewhere.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     if dist.is_available() and dist.is_initialized():
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -2,7 +2,14 @@
 
 import pytest
 
-from prime_ckpt.config import CheckpointConfig, CliSettings, ConfigError, MonitorConfig, cli_entry, parse_cli
+from prime_ckpt.config import (
+    CheckpointConfig,
+    CliSettings,
+    ConfigError,
+    MonitorConfig,
+    cli_entry,
+    parse_cli,
+)
 
 
 class Prog(CliSettings):

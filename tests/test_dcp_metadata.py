@@ -11,7 +11,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
-from prime_ckpt.dcp_metadata import ALLOWED_GLOBALS, MetadataError, UnsafeMetadataError, read_dcp_metadata
+from prime_ckpt.dcp_metadata import (
+    ALLOWED_GLOBALS,
+    MetadataError,
+    UnsafeMetadataError,
+    read_dcp_metadata,
+)
 
 
 @pytest.fixture(scope="module")

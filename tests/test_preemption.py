@@ -9,8 +9,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import SCRIPTS, _env, torchrun
+
 from prime_ckpt.preemption import PreemptionHandler, parse_signals
 
 

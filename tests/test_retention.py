@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from prime_ckpt.layout import CheckpointStep, Inventory, WeightsStep, scan_inventory
 from prime_ckpt.retention import (
     AHEAD_OF_CURRENT,
-    INCOMPLETE,
     IN_FLIGHT,
+    INCOMPLETE,
     NEWEST_COMPLETE,
     Plan,
     RetentionConfigError,
@@ -166,7 +166,7 @@ def test_incomplete_abandoned_vs_maybe_in_progress():
 
 
 def test_weights_follow_the_async_window():
-    inv = Inventory((ck(10), ck(20), ck(30)), tuple(wt(s) for s in range(0, 31)))
+    inv = Inventory((ck(10), ck(20), ck(30)), tuple(wt(s) for s in range(31)))
     p = plan(inv, RetentionPolicy(keep=2, async_level=2), current_step=31)
     assert kept(p) == [20, 30]
     assert kept(p, "weights") == [18, 19, 20, 28, 29, 30]
@@ -204,13 +204,13 @@ def _make_run(root: Path, ck_steps, w_steps):
 
 
 def test_apply_on_disk_never_touches_foreign_names(tmp_path):
-    _make_run(tmp_path, [9, 10, 11], range(0, 12))
+    _make_run(tmp_path, [9, 10, 11], range(12))
     for foreign in ("checkpoints/step_010", "checkpoints/latest", "weights/step_1.tmp", "weights/notes.txt"):
         (tmp_path / foreign).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / foreign).write_text("not ours")
     p = plan(scan_inventory(tmp_path), RetentionPolicy(keep=1, async_level=1), current_step=11)
     result = apply_plan(p)
-    assert sorted(x.name for x in result.deleted) == sorted(["step_9", "step_10"] + [f"step_{s}" for s in range(0, 10)])
+    assert sorted(x.name for x in result.deleted) == sorted(["step_9", "step_10"] + [f"step_{s}" for s in range(10)])
     assert sorted(x.name for x in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_010", "step_11"]
     assert sorted(x.name for x in (tmp_path / "weights").iterdir()) == ["notes.txt", "step_1.tmp", "step_10", "step_11"]
     # applying the same plan again: everything is already gone, nothing fails

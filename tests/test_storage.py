@@ -7,7 +7,13 @@ import textwrap
 import time
 
 from prime_ckpt.layout import scan_checkpoints
-from prime_ckpt.storage import atomic_write_bytes, clean_leftovers, is_leftover, remove_tree, tree_size
+from prime_ckpt.storage import (
+    atomic_write_bytes,
+    clean_leftovers,
+    is_leftover,
+    remove_tree,
+    tree_size,
+)
 
 
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
 from _common import build, digest, full_state, init
+
 from prime_ckpt.config import CheckpointConfig
 from prime_ckpt.preemption import PreemptionHandler
 from prime_ckpt.trainer import Checkpointer, TrainerState

@@ -7,8 +7,8 @@ import sys
 
 import torch
 import torch.distributed as dist
-
 from _common import build, full_state, init
+
 from prime_ckpt.config import CheckpointConfig
 from prime_ckpt.trainer import Checkpointer, Progress, TrainerState
 

@@ -9,9 +9,9 @@ import sys
 
 import torch
 import torch.distributed as dist
+from _common import build, full_state, init
 from torch.distributed.checkpoint import FileSystemWriter
 
-from _common import build, full_state, init
 from prime_ckpt.config import CheckpointConfig
 from prime_ckpt.layout import scan_checkpoints
 from prime_ckpt.trainer import Checkpointer, CheckpointSaveError, Progress, TrainerState

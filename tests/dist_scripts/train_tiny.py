@@ -12,8 +12,8 @@ import random
 import numpy as np
 import torch
 import torch.distributed as dist
-
 from _common import build, digest, full_state, init
+
 from prime_ckpt.config import CheckpointConfig
 from prime_ckpt.trainer import Checkpointer, TrainerState
 
