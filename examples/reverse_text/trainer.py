@@ -196,6 +196,12 @@ def main(argv: list[str] | None = None) -> None:
         if progress.step != resume or loader.next_step != resume + 1:
             raise RuntimeError(f"checkpoint step {resume} holds progress.step={progress.step}, next rollouts {loader.next_step}")
         log(f"trainer: resumed from checkpoint step {resume} (samples {progress.total_samples}, tokens {progress.total_tokens})", flush=True)
+        # The loaded model, hashed like the final line (and like weights/step_N of another run):
+        # lets a test check that a resume loaded bitwise what was saved.
+        loaded = gather_full_state_dict(model)
+        if rank == 0:
+            print(f"resumed params sha256 {params_sha256(loaded)}", flush=True)
+        del loaded
     else:
         save_weights(cfg.output_dir, 0, model, weights_config)
         log(f"trainer: fresh start, world size {world}, wrote weights/step_0", flush=True)
