@@ -138,6 +138,24 @@ def clean_leftovers(directory: Path | str, *, min_age_s: float = 300.0) -> list[
     return removed
 
 
+def set_aside(paths: list[Path], into: Path) -> list[Path]:
+    """Move each of ``paths`` into the directory ``into`` (created; same file system), one atomic
+    rename each, keeping their names; returns the new paths. Used for checkpoint steps a new run
+    supersedes: they leave the ``step_<N>`` namespace at once (so nothing can load them or mix
+    their parts with the new run's) but nothing is deleted.
+    """
+    into.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for p in paths:
+        target = into / p.name
+        os.rename(p, target)
+        moved.append(target)
+    fsync_dir(into)
+    for parent in {p.parent for p in paths}:
+        fsync_dir(parent)
+    return moved
+
+
 def tree_size(path: Path | str) -> int:
     """Total size in bytes of the regular files under ``path`` (0 if it is gone)."""
     total = 0

@@ -560,8 +560,9 @@ class Checkpointer:
         return record
 
     def close(self) -> None:
-        """Wait for the last save, release staging buffers and the process group; raises the
-        last save's error. Safe to call twice."""
+        """Wait for the last save and the post-commit work, release the staging buffers and
+        synchronise the ranks; raises the last save's error. Safe to call twice. The dedicated
+        gloo group is released by ``torch.distributed.destroy_process_group()``."""
         if self._closed:
             return
         self._closed = True
@@ -575,14 +576,12 @@ class Checkpointer:
                 self._stager.close()
                 self._stager = None
             if self._pg is not None:
-                # Every rank must be past its last collective on the save group before any rank
-                # tears it down: a rank whose upload finished first would otherwise close the
-                # connection under a peer still receiving DCP's final broadcast (gloo aborts).
-                try:
-                    dist.barrier(group=self._pg)
-                finally:
-                    dist.destroy_process_group(self._pg)
-                    self._pg = None
+                # Every rank must be past its last collective on the save group before the run
+                # goes on (or exits): a rank whose upload finished first would otherwise leave
+                # while a peer still receives DCP's final broadcast. The group itself is torn
+                # down with all the others by the caller's destroy_process_group(): destroying
+                # it separately added a teardown step that occasionally aborted gloo at exit.
+                dist.barrier(group=self._pg)
 
     # -- load -------------------------------------------------------------------------------
     def load(self, step: int, state: TrainerState) -> None:

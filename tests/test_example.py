@@ -116,6 +116,25 @@ def test_resume_through_launcher_is_bitwise_identical(tmp_path):
     assert final_sha(a.stdout) == final_sha(b2.stdout)
 
 
+def test_fresh_run_in_a_used_dir_never_mixes_runs(tmp_path):
+    """An earlier run (other seed) left complete steps 2 and 4; a fresh run with another seed
+    writes steps 2 only: the old steps are moved aside before anything starts, so no step ever
+    pairs the new trainer state with the old orchestrator record, and -1 never picks the old 4."""
+    out = tmp_path / "run"
+    rl(out, "--max-steps", "4", "--ckpt.interval", "2", "--seed", "1")
+    old_records = {c.step: (c.path / "orchestrator.pt").read_bytes() for c in scan_checkpoints(out)}
+    assert sorted(old_records) == [2, 4]
+    r = rl(out, "--max-steps", "2", "--ckpt.interval", "2", "--seed", "2")
+    assert "moved checkpoint steps [2, 4] of an earlier run aside" in r.stdout
+    steps = scan_checkpoints(out)
+    assert [c.step for c in steps] == [2] and steps[0].complete()
+    assert (steps[0].path / "orchestrator.pt").read_bytes() != old_records[2]
+    [aside] = [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".superseded-")]
+    assert sorted(p.name for p in aside.iterdir()) == ["step_2", "step_4"]
+    assert (aside / "step_4" / "orchestrator.pt").read_bytes() == old_records[4]  # nothing deleted
+    assert latest_complete_step(out) == 2
+
+
 @pytest.mark.parametrize(
     "args, named",
     [

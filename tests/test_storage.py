@@ -96,3 +96,17 @@ def test_clean_leftovers_spares_fresh_temp_files_and_foreign_names(tmp_path):
     assert sorted(os.listdir(ck / "step_5")) == [".orchestrator.pt.tmp.123"]
     assert sorted(os.listdir(ck)) == ["my.deleting.dir", "notes.tmp.txt", "step_5"]
     assert clean_leftovers(tmp_path / "missing") == []
+
+
+def test_set_aside_moves_whole_steps_out_of_the_namespace(tmp_path):
+    from prime_ckpt.storage import set_aside
+
+    ck = tmp_path / "checkpoints"
+    for s in (3, 4):
+        (ck / f"step_{s}" / "trainer").mkdir(parents=True)
+        (ck / f"step_{s}" / "trainer" / ".metadata").write_bytes(b"m")
+    moved = set_aside([ck / "step_3", ck / "step_4"], ck / ".superseded-x")
+    assert moved == [ck / ".superseded-x" / "step_3", ck / ".superseded-x" / "step_4"]
+    assert scan_checkpoints(tmp_path) == []
+    assert (ck / ".superseded-x" / "step_4" / "trainer" / ".metadata").read_bytes() == b"m"
+    assert clean_leftovers(ck) == []  # not a crash leftover: kept for the user

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from prime_ckpt.config import ConfigError, parse_cli
 from prime_ckpt.layout import parse_step, resolve_resume_step, scan_checkpoints
-from prime_ckpt.storage import remove_tree
+from prime_ckpt.storage import remove_tree, set_aside
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED_FLAGS = ("--output-dir", "--max-steps", "--async-level", "--seed")
@@ -209,9 +209,15 @@ def main(argv: list[str] | None = None) -> int:
     removed = clear_stale(out, start or 0, fresh=start is None)
     if removed:
         print(f"rl: removed {len(removed)} stale rollout/weight files newer than step {start or 0}", flush=True)
-    newer = [c.step for c in scan_checkpoints(out) if c.step > (start or 0)]
+    newer = [c for c in scan_checkpoints(out) if start is None or c.step > start]
     if newer:
-        print(f"rl: note: checkpoint steps {newer} are from an earlier run; they are replaced as this run reaches them", flush=True)
+        # Steps this run supersedes (a fresh start in a used dir, or a resume from an older
+        # step) leave the step namespace before either program starts: a resume can never pick
+        # them, and their parts never mix with this run's. Nothing is deleted.
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        where = out / "checkpoints" / f".superseded-{stamp}-{os.getpid()}"
+        set_aside([c.path for c in newer], where)
+        print(f"rl: moved checkpoint steps {[c.step for c in newer]} of an earlier run aside to {where}", flush=True)
 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
