@@ -45,7 +45,8 @@ class PreemptionHandler:
     Args:
         signals: signal names to treat as preemption (default SIGTERM and SIGUSR1).
         process_group: group for the per-step agreement (a gloo group, e.g.
-            ``Checkpointer.process_group``); None uses the default group when distributed.
+            ``Checkpointer.process_group``); None creates a gloo group when distributed (a
+            collective: every rank constructs the handler).
 
     Install from the main thread (Python only runs signal handlers there). ``close()`` restores
     the previous handlers.
@@ -53,6 +54,9 @@ class PreemptionHandler:
 
     def __init__(self, signals: Iterable[str] = DEFAULT_SIGNALS, process_group=None) -> None:
         self._event = threading.Event()
+        if process_group is None and dist.is_available() and dist.is_initialized():
+            # a CPU tensor needs a CPU backend, whatever the default group is (nccl): collective
+            process_group = dist.new_group(backend="gloo")
         self._pg = process_group
         self.signal_received: signal.Signals | None = None
         self._previous: dict[signal.Signals, object] = {}

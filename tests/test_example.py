@@ -151,3 +151,41 @@ def test_bad_flag_exits_2_before_starting(tmp_path, args, named):
     errors = [line for line in r.stdout.splitlines() if "error" in line]
     assert len(errors) == 1 and named in errors[0], r.stdout
     assert not out.exists()
+
+
+def test_sigterm_checkpoints_exits_0_and_resumes_bitwise(tmp_path):
+    """SIGTERM to the launcher mid-run (no interval checkpoint due): the trainer finishes its
+    step and checkpoints it, the orchestrator writes its record for that step, exit 0; a resume
+    loads exactly the model of that step (weights/step_t of the same run)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from examples.reverse_text.common import params_sha256
+    from prime_ckpt.weights import load_weights
+    from tests.conftest import _env
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "examples.reverse_text.rl", *FAST, "--output-dir", str(out),
+           "--max-steps", "500", "--ckpt.interval", "100", "--ckpt.save-async"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not (out / "weights" / "step_3" / "COMPLETE").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stdout[-4000:]
+    assert "rl: preempted: every program checkpointed and exited 0" in stdout
+    [t] = [int(m) for m in re.findall(r"^trainer: wrote checkpoint step (\d+) before exiting$", stdout, re.MULTILINE)]
+    assert 3 <= t < 500
+    assert latest_complete_step(out) == t
+    weights_t = params_sha256(load_weights(out / "weights" / f"step_{t}")[0])
+    r = rl(out, "--max-steps", str(t + 1), "--ckpt.interval", "100", "--ckpt.resume-step", "-1")
+    assert f"trainer: resumed from checkpoint step {t}" in r.stdout
+    assert f"resumed params sha256 {weights_t}" in r.stdout

@@ -40,13 +40,24 @@ def read_rollouts(path: Path | str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+class Preempted(Exception):
+    """A wait was abandoned because this process received a preemption signal."""
+
+
 def wait_for_file(
-    path: Path, *, timeout: float, poll_interval: float = 0.02, should_stop: Callable[[], bool] | None = None
+    path: Path,
+    *,
+    timeout: float,
+    poll_interval: float = 0.02,
+    should_stop: Callable[[], bool] | None = None,
+    preempted: Callable[[], bool] | None = None,
 ) -> Path:
     """Block until ``path`` exists; raise ``TimeoutError`` after ``timeout`` s or when
-    ``should_stop()`` turns true (the producer is gone)."""
+    ``should_stop()`` turns true (the producer is gone), ``Preempted`` when ``preempted()`` does."""
     deadline = time.monotonic() + timeout
     while not path.is_file():
+        if preempted is not None and preempted():
+            raise Preempted(str(path))
         if should_stop is not None and should_stop():
             raise TimeoutError(f"{path}: gave up waiting (parent process exited)")
         if time.monotonic() > deadline:

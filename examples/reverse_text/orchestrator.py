@@ -9,8 +9,10 @@ writes its progress record ``checkpoints/step_<n>/orchestrator.pt`` every ``--ck
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -30,7 +32,8 @@ from prime_ckpt.orchestrator import (
     load_orchestrator_checkpoint,
     save_orchestrator_checkpoint,
 )
-from prime_ckpt.weights import load_weights, wait_for_weights
+from prime_ckpt.preemption import PreemptionHandler
+from prime_ckpt.weights import WeightsNotReadyError, load_weights, wait_for_weights
 
 
 class OrchestratorConfig(CliSettings):
@@ -112,11 +115,23 @@ def main(argv: list[str] | None = None) -> None:
     model = TinyLM(cfg.model).eval()
     loaded = None
     layout = RunLayout(cfg.output_dir)
+    # SIGTERM / SIGUSR1: stop producing, write the progress records of the last async_level + 1
+    # steps (the trainer, at most async_level steps behind, checkpoints at one of them), exit 0.
+    preempt = PreemptionHandler()
+    recent: deque[OrchestratorProgress] = deque(maxlen=cfg.async_level + 1)
     for n in range(progress.step + 1, cfg.max_steps + 1):
+        if preempt.requested():
+            break
         t0 = time.perf_counter()
         wstep = max(n - cfg.async_level, 0)
         if wstep != loaded:
-            wait_for_weights(cfg.output_dir, wstep, timeout=cfg.weights_timeout_s, poll_interval=0.02, should_stop=parent_gone)
+            try:
+                wait_for_weights(cfg.output_dir, wstep, timeout=cfg.weights_timeout_s, poll_interval=0.02,
+                                 should_stop=lambda: parent_gone() or preempt.requested())
+            except WeightsNotReadyError:
+                if preempt.requested():
+                    break
+                raise
             sd, wcfg = load_weights(layout.weights_step_dir(wstep))
             shape = {k: wcfg.get(k) for k in cfg.model.model_dump()}
             if shape != cfg.model.model_dump():
@@ -134,12 +149,22 @@ def main(argv: list[str] | None = None) -> None:
         progress.total_samples += cfg.batch_size
         progress.total_problems += cfg.batch_size
         progress.total_tokens += tokens
+        recent.append(copy.deepcopy(progress))
         if cfg.ckpt is not None and n % cfg.ckpt.interval == 0:
             save_orchestrator_checkpoint(cfg.output_dir, progress)
         if run is not None:
             run.log({"progress/step": n, "reward/mean": rewards.mean().item(), "progress/total_samples": progress.total_samples,
                      "progress/total_tokens": progress.total_tokens, "perf/wait_weights_s": t_wait})
         print(f"orchestrator step {n} | weights step {wstep} | reward {rewards.mean().item():.4f} | wait {t_wait:.2f}s", flush=True)
+    if preempt.requested():
+        written = []
+        if cfg.ckpt is not None:
+            for p in recent:
+                if not layout.orchestrator_path(p.step).is_file():
+                    save_orchestrator_checkpoint(cfg.output_dir, p)
+                    written.append(p.step)
+        print(f"orchestrator: preempted after step {progress.step}; wrote progress records {written}", flush=True)
+    preempt.close()
     if run is not None:
         run.finish()
 

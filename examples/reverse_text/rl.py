@@ -14,6 +14,11 @@ resolved here, once, to a concrete step that both programs then load; rollouts a
 newer than the start step (left by the stopped run) are removed first, so neither side can
 run ahead on stale files. The trainer runs under ``torchrun --standalone --nproc-per-node
 <--nproc>``; if either program fails the other is stopped and the exit status is non-zero.
+
+Preemption: SIGTERM or SIGUSR1 to the launcher goes to the trainer's workers and to the
+orchestrator; the trainer finishes its step and checkpoints it, the orchestrator writes the
+progress records of its last ``async_level + 1`` steps, and the launcher exits 0 once both did.
+Resume with ``--ckpt.resume-step -1``.
 """
 
 from __future__ import annotations
@@ -118,19 +123,62 @@ def clear_stale(output_dir: Path, start: int, fresh: bool) -> list[str]:
     return removed
 
 
+def _children(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid`` (Linux /proc): torchrun's workers."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(entry))
+    return kids
+
+
 class Launcher:
-    def __init__(self) -> None:
+    def __init__(self, stop_grace_s: float = 300.0) -> None:
         self.procs: dict[str, subprocess.Popen] = {}
         self.signalled: int | None = None
+        self.stop_grace_s = stop_grace_s
 
     def _on_signal(self, signum, _frame) -> None:
+        """Preemption: pass the signal to the trainer's workers (not to torchrun, whose agent
+        would tear the workers down and exit non-zero) and to the orchestrator; each finishes
+        its step, checkpoints and exits 0."""
         self.signalled = signum
-        for p in self.procs.values():
-            if p.poll() is None:
+        for name, p in self.procs.items():
+            if p.poll() is not None:
+                continue
+            targets = _children(p.pid) if name == "trainer" else [p.pid]
+            for pid in targets or [p.pid]:
                 try:
-                    p.send_signal(signum)
+                    os.kill(pid, signum)
                 except ProcessLookupError:
                     pass
+
+    def _drain(self, grace: float) -> int:
+        """After a preemption signal: let every program checkpoint and exit by itself within
+        ``grace`` seconds (then kill); 0 if all exited 0."""
+        deadline = time.monotonic() + grace
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        codes = {name: p.poll() for name, p in self.procs.items()}
+        if any(c is None for c in codes.values()):
+            print(f"rl: programs still running {grace:.0f} s after the signal: {codes}; killing", file=sys.stderr, flush=True)
+            self.stop_all()
+            return 128 + (self.signalled or 0)
+        if any(c != 0 for c in codes.values()):
+            print(f"rl: exit codes after the signal: {codes}", file=sys.stderr, flush=True)
+            return 1
+        print("rl: preempted: every program checkpointed and exited 0", flush=True)
+        return 0
 
     def stop_all(self, grace: float = 10.0) -> None:
         for p in self.procs.values():
@@ -145,14 +193,13 @@ class Launcher:
                 p.wait()
 
     def run(self, cmds: dict[str, list[str]], env: dict[str, str]) -> int:
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
         for name, cmd in cmds.items():
             self.procs[name] = subprocess.Popen(cmd, env=env, cwd=ROOT)
         while True:
             if self.signalled is not None:
-                self.stop_all()
-                return 128 + self.signalled
+                return self._drain(self.stop_grace_s)
             codes = {name: p.poll() for name, p in self.procs.items()}
             failed = [(n, c) for n, c in codes.items() if c not in (None, 0)]
             if failed:

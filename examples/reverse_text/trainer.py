@@ -20,6 +20,7 @@ import torch.distributed as dist
 from pydantic import Field
 
 from examples.reverse_text.common import (
+    Preempted,
     die_with_parent,
     params_sha256,
     read_rollouts,
@@ -36,6 +37,7 @@ from examples.reverse_text.model import (
 from examples.reverse_text.task import EOS, PAD, encode, prompt_tokens, sample_problems
 from prime_ckpt.config import CheckpointConfig, CliSettings, MonitorConfig, cli_entry
 from prime_ckpt.layout import RUN_PARTS
+from prime_ckpt.preemption import PreemptionHandler
 from prime_ckpt.trainer import Checkpointer, Progress, TrainerState
 from prime_ckpt.weights import gather_full_state_dict, save_weights
 
@@ -89,16 +91,19 @@ class TrainerConfig(CliSettings):
 class RolloutLoader:
     """Per-rank reader of ``rollouts/step_<n>.pt``; its state is the next step to read."""
 
-    def __init__(self, output_dir: Path, rank: int, world_size: int, timeout: float, should_stop=None) -> None:
+    def __init__(self, output_dir: Path, rank: int, world_size: int, timeout: float, should_stop=None, preempted=None) -> None:
         self.output_dir = output_dir
         self.rank, self.world_size = rank, world_size
-        self.timeout, self.should_stop = timeout, should_stop
+        self.timeout, self.should_stop, self.preempted = timeout, should_stop, preempted
         self.next_step = 1
 
     def next_batch(self) -> tuple[int, dict[str, Any]]:
-        """``(step, batch)``: the full batch plus ``shard`` (this rank's rows, ``rank::world_size``)."""
+        """``(step, batch)``: the full batch plus ``shard`` (this rank's rows, ``rank::world_size``).
+        Raises ``Preempted`` if a preemption signal arrives while waiting (nothing consumed)."""
         step = self.next_step
-        path = wait_for_file(rollouts_path(self.output_dir, step), timeout=self.timeout, should_stop=self.should_stop)
+        path = wait_for_file(
+            rollouts_path(self.output_dir, step), timeout=self.timeout, should_stop=self.should_stop, preempted=self.preempted
+        )
         batch = read_rollouts(path)
         if int(batch["step"]) != step:
             raise RuntimeError(f"{path}: holds step {batch['step']}, expected {step}")
@@ -186,7 +191,9 @@ def main(argv: list[str] | None = None) -> None:
     warmup = cfg.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warmup + 1)))
     progress = Progress()
-    loader = RolloutLoader(cfg.output_dir, rank, world, cfg.rollout_timeout_s, should_stop=parent_gone)
+    # SIGTERM / SIGUSR1: finish the step, checkpoint it, exit 0 (all ranks agree on the step).
+    preempt = PreemptionHandler(process_group=checkpointer.process_group if checkpointer is not None else None)
+    loader = RolloutLoader(cfg.output_dir, rank, world, cfg.rollout_timeout_s, should_stop=parent_gone, preempted=preempt.requested)
     state = TrainerState(model, opt, scheduler, progress, loader)
     weights_config = {**cfg.model.model_dump(), "seed": cfg.seed}
 
@@ -207,10 +214,20 @@ def main(argv: list[str] | None = None) -> None:
         log(f"trainer: fresh start, world size {world}, wrote weights/step_0", flush=True)
 
     run = _wandb_init(cfg, "trainer") if rank == 0 else None
+    saved_at, stopped = resume, False
     for n in range(progress.step + 1, cfg.max_steps + 1):
         t0 = time.perf_counter()
-        step, batch = loader.next_batch()
-        assert step == n, (step, n)
+        try:
+            step, batch = loader.next_batch()
+        except Preempted:
+            batch = None
+        # One tiny collective per step, after the wait and before any training collective: a
+        # rank that got its rollouts and a rank that got the signal stop together.
+        if preempt.should_stop():
+            stopped = True
+            loader.next_step = n  # step n was not trained: its rollouts are read again on resume
+            break
+        assert batch is not None and step == n, n
         t_wait = time.perf_counter() - t0
         rewards = batch["rewards"].float()
         advantages = rewards - rewards.mean()
@@ -241,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         ckpt_note = ""
         if checkpointer is not None and checkpointer.should_save(n):
             rec = checkpointer.save(n, state)
+            saved_at = n
             ckpt_note = f" | ckpt {rec.mode} blocked {rec.blocking_s:.3f}s"
         dt = time.perf_counter() - t0
         reward = rewards.mean().item()
@@ -256,6 +274,12 @@ def main(argv: list[str] | None = None) -> None:
                 "progress/total_tokens": progress.total_tokens, "loss": loss, "reward/mean": reward,
                 "optim/lr": lr, "optim/grad_norm": grad_norm, "perf/step_time_s": dt, "perf/wait_rollouts_s": t_wait,
             })
+    if stopped:
+        log(f"trainer: preempted after step {progress.step}", flush=True)
+        if checkpointer is not None and saved_at != progress.step and progress.step > 0:
+            checkpointer.save(progress.step, state)  # waits for any in-flight async save first
+            log(f"trainer: wrote checkpoint step {progress.step} before exiting", flush=True)
+    preempt.close()
     if checkpointer is not None:
         checkpointer.close()  # waits for the last async save; raises its error (non-zero exit)
     full = gather_full_state_dict(model)
