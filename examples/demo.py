@@ -108,7 +108,7 @@ def show_inspect(text: str, max_lines: int = 40) -> None:
             skipping = True
             keep.append(f"{line.strip()}  [... elided; run the command to see it]")
             continue
-        if skipping and not line[:1] in "┏┃┡│└━┗┣╇╋" and line.strip():
+        if skipping and line[:1] not in "┏┃┡│└━┗┣╇╋" and line.strip():
             skipping = False
         if not skipping:
             keep.append(line)
