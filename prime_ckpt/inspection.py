@@ -387,7 +387,7 @@ def describe_weights_step(step_dir: Path | str, name_filter: str | None = None) 
         try:
             tensors = []
             with safe_open(str(model), framework="pt") as f:
-                for name in f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not iterable
                     if not _matches(name, name_filter):
                         continue
                     sl = f.get_slice(name)

@@ -181,7 +181,7 @@ def test_inspect_trainer_dir_and_weights(two_rank):
     w = _inspect_json(str(two_rank / "weights" / "step_3"))
     assert w["kind"] == "weights_step" and w["step"] == 3 and w["complete"] is True
     assert w["config"] == {"hidden": 16, "step": 3}
-    assert {f["name"] for f in w["files"]} == {"model.safetensors", "config.json", "COMPLETE"}
+    assert {f["name"] for f in w["files"]} == {"model.safetensors", "config.json", "manifest.json", "COMPLETE"}
     assert {r["name"]: (r["shape"], r["dtype"]) for r in w["tensors"]} == {
         k: (v, "float32") for k, v in TWO_RANK_MODEL.items()
     }
