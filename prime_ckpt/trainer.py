@@ -53,6 +53,7 @@ from prime_ckpt.layout import (
     DCP_METADATA_FILE,
     SAVE_INFO_FILE,
     TRAINER_PART,
+    CheckpointNotFoundError,
     RunLayout,
     resolve_resume_step,
     scan_inventory,
@@ -357,7 +358,6 @@ class Checkpointer:
         # Rank 0's post-commit work (save record, manifest, retention) runs on one background
         # thread, in commit order, so neither hashing nor deleting ever blocks the training loop.
         self._post_commit: ThreadPoolExecutor | None = None
-        self._post_commit_jobs: list[Future] = []
         if config.keep is not None:
             self.retention = RetentionPolicy(
                 keep=config.keep,
@@ -403,8 +403,7 @@ class Checkpointer:
             return
         if self._post_commit is None:
             self._post_commit = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prime-ckpt-commit")
-        self._post_commit_jobs = [f for f in self._post_commit_jobs if not f.done()]
-        self._post_commit_jobs.append(self._post_commit.submit(self._post_commit_job, record))
+        self._post_commit.submit(self._post_commit_job, record)
 
     def _post_commit_job(self, record: SaveRecord) -> None:
         """Rank 0, background: write ``save_info.json`` and ``manifest.json`` for the committed
@@ -430,7 +429,12 @@ class Checkpointer:
 
     def resume_step(self, parts: tuple[str, ...] | None = None) -> int | None:
         """The step to load (see :func:`prime_ckpt.layout.resolve_resume_step`), decided on
-        rank 0 and broadcast so every rank loads the same step."""
+        rank 0 and broadcast so every rank loads the same step.
+
+        Raises (on every rank):
+            CheckpointNotFoundError: an explicit step is missing or incomplete.
+            ValueError: ``resume_step < -1``.
+        """
         decision: list[Any] = [None]
         if _rank() == 0:
             try:
@@ -438,13 +442,15 @@ class Checkpointer:
                     "ok",
                     resolve_resume_step(self.layout.output_dir, self.config.resume_step, parts or self.parts),
                 )
-            except Exception as e:  # noqa: BLE001 - re-raised on every rank below
-                decision[0] = ("error", f"{type(e).__name__}: {e}")
+            except (CheckpointNotFoundError, ValueError) as e:  # re-raised on every rank below
+                decision[0] = ("missing" if isinstance(e, CheckpointNotFoundError) else "invalid", str(e))
         if self._pg is not None:
             dist.broadcast_object_list(decision, src=0, group=self._pg)
         status, value = decision[0]
-        if status == "error":
-            raise FileNotFoundError(value)
+        if status == "missing":
+            raise CheckpointNotFoundError(value)
+        if status == "invalid":
+            raise ValueError(value)
         return value
 
     # -- save -------------------------------------------------------------------------------

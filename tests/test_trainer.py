@@ -69,3 +69,13 @@ def test_write_failure_on_one_rank_raises_everywhere(tmp_path, run_ranks, mode):
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_1", "step_2"]
     assert (tmp_path / "run" / "checkpoints" / "step_1" / "trainer" / ".metadata").is_file()
     assert not (tmp_path / "run" / "checkpoints" / "step_2" / "trainer" / ".metadata").exists()
+
+
+def test_resume_step_errors_keep_their_type(tmp_path):
+    from prime_ckpt.config import CheckpointConfig
+    from prime_ckpt.layout import CheckpointNotFoundError
+    from prime_ckpt.trainer import Checkpointer
+
+    with pytest.raises(CheckpointNotFoundError, match=r"step_7: no such checkpoint step; no checkpoint steps on disk"):
+        Checkpointer(tmp_path, CheckpointConfig(resume_step=7)).resume_step()
+    assert Checkpointer(tmp_path, CheckpointConfig(resume_step=-1)).resume_step() is None
