@@ -565,6 +565,14 @@ class Checkpointer:
         self._finish(record)
         return record
 
+    def flush(self) -> SaveRecord | None:
+        """:meth:`wait`, then also wait for rank 0's post-commit work of every committed save
+        (``save_info.json``, ``manifest.json``, retention). Returns what :meth:`wait` returned."""
+        record = self.wait()
+        if self._post_commit is not None:
+            self._post_commit.submit(lambda: None).result()  # one FIFO worker: earlier jobs are done
+        return record
+
     def close(self) -> None:
         """Wait for the last save and the post-commit work, release the staging buffers and
         synchronise the ranks; raises the last save's error. Safe to call twice. The dedicated

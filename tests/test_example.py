@@ -36,7 +36,7 @@ FAST = [
 ]
 
 
-def rl(output_dir: Path, *args: str, timeout: float = 90, check: bool = True, env=None):
+def rl(output_dir: Path, *args: str, timeout: float = 240, check: bool = True, env=None):
     cmd = [sys.executable, "-m", "examples.reverse_text.rl", *FAST, "--output-dir", str(output_dir), *args]
     return run_proc(cmd, timeout=timeout, check=check, env=env)
 
@@ -171,12 +171,12 @@ def test_sigterm_checkpoints_exits_0_and_resumes_bitwise(tmp_path):
            "--max-steps", "500", "--ckpt.interval", "100", "--ckpt.save-async"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), start_new_session=True)
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 180
         while not (out / "weights" / "step_3" / "COMPLETE").exists():
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
-        stdout, _ = proc.communicate(timeout=120)
+        stdout, _ = proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -24,8 +24,8 @@ def test_resumed_runs_keep_their_ids_and_continue_at_checkpoint_plus_one(tmp_pat
     env = {"WANDB_MODE": "offline", "WANDB_DIR": str(wdir), "WANDB_SILENT": "true"}
     ids = ["--trainer.monitor.wandb.project", "prime-ckpt-test", "--trainer.monitor.wandb.id", "trainer-run-1",
            "--orchestrator.monitor.wandb.project", "prime-ckpt-test", "--orchestrator.monitor.wandb.id", "orch-run-1"]
-    rl(out, "--max-steps", "4", "--ckpt.interval", "2", *ids, env=env, timeout=150)
-    rl(out, "--max-steps", "6", "--ckpt.interval", "2", "--ckpt.resume-step", "2", *ids, env=env, timeout=150)
+    rl(out, "--max-steps", "4", "--ckpt.interval", "2", *ids, env=env, timeout=240)
+    rl(out, "--max-steps", "6", "--ckpt.interval", "2", "--ckpt.resume-step", "2", *ids, env=env, timeout=240)
     for run_id in ("trainer-run-1", "orch-run-1"):
         first, resumed = _runs(wdir, run_id)
         steps_first = [r["progress/step"] for r in first if "progress/step" in r]

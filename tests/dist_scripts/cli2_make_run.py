@@ -66,7 +66,7 @@ def main() -> None:
         if rank == 0:
             ref.mkdir(parents=True, exist_ok=True)
             torch.save(ref_state, ref / f"step_{step}.pt")
-        ckpt.wait()
+        ckpt.flush()  # durable, and rank 0's own manifest written: ours below must come last
         dist.barrier()
         if rank == 0:
             if step != 6:

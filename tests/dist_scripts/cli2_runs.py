@@ -59,6 +59,7 @@ def one_proc_run(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
             opt.zero_grad()
             if step % 2 == 0:
                 ckpt.save(step, TrainerState(model, opt, None, Progress(step, 3 * step, 30 * step)))
+                ckpt.flush()  # the Checkpointer's own manifest is written: ours below comes last
                 save_orchestrator_checkpoint(out, OrchestratorProgress(step=step, total_tokens=30 * step, total_samples=3 * step))
                 write_manifest(RunLayout(out).step_dir(step))
         ckpt.close()
