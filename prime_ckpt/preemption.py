@@ -44,9 +44,10 @@ class PreemptionHandler:
 
     Args:
         signals: signal names to treat as preemption (default SIGTERM and SIGUSR1).
-        process_group: group for the per-step agreement (a gloo group, e.g.
-            ``Checkpointer.process_group``); None creates a gloo group when distributed (a
-            collective: every rank constructs the handler).
+        process_group: a gloo group for the per-step agreement; None (the default) creates one
+            when distributed (a collective: every rank constructs the handler). Never pass
+            ``Checkpointer.process_group``: async saves run collectives on it from a background
+            thread, and two threads issuing collectives on one group deadlock.
 
     Install from the main thread (Python only runs signal handlers there). ``close()`` restores
     the previous handlers.

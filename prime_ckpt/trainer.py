@@ -389,7 +389,8 @@ class Checkpointer:
 
     @property
     def process_group(self):
-        """The dedicated gloo group of checkpoint collectives (None when not distributed)."""
+        """The dedicated gloo group of checkpoint collectives (None when not distributed).
+        Async saves use it from a background thread: issue no other collective on it."""
         return self._pg
 
     def _plan(self, current_step: int, in_flight: frozenset[int]) -> Plan:

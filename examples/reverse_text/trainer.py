@@ -192,7 +192,9 @@ def main(argv: list[str] | None = None) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warmup + 1)))
     progress = Progress()
     # SIGTERM / SIGUSR1: finish the step, checkpoint it, exit 0 (all ranks agree on the step).
-    preempt = PreemptionHandler(process_group=checkpointer.process_group if checkpointer is not None else None)
+    # Its own gloo group: the Checkpointer's group runs async-save collectives on a background
+    # thread, and two threads issuing collectives on one group deadlock.
+    preempt = PreemptionHandler()
     loader = RolloutLoader(cfg.output_dir, rank, world, cfg.rollout_timeout_s, should_stop=parent_gone, preempted=preempt.requested)
     state = TrainerState(model, opt, scheduler, progress, loader)
     weights_config = {**cfg.model.model_dump(), "seed": cfg.seed}

@@ -31,7 +31,7 @@ def main() -> None:
         ck.close()
         dist.destroy_process_group()
         return
-    preempt = PreemptionHandler(process_group=ck.process_group)
+    preempt = PreemptionHandler()  # its own group: never the Checkpointer's (async saves use it)
     (out / "pids").mkdir(parents=True, exist_ok=True)
     (out / "pids" / f"rank_{rank}").write_text(str(os.getpid()))
     for step in range(1, 100000):
