@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +27,27 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid``, its process group and every descendant.
+
+    torchrun starts each worker in a session of its own, so killing the launcher's process group
+    alone leaves hung workers alive (holding the output pipe open, so reading it never ends).
+    """
+    try:
+        descendants = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for child in descendants:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def run_proc(cmd: list[str], *, timeout: float, env: dict[str, str] | None = None, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``cmd`` in its own process group; on timeout kill the whole group and fail the test."""
     proc = subprocess.Popen(
@@ -34,7 +56,7 @@ def run_proc(cmd: list[str], *, timeout: float, env: dict[str, str] | None = Non
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         out, _ = proc.communicate()
         pytest.fail(f"timed out after {timeout} s: {' '.join(cmd)}\n{out[-4000:]}")
     result = subprocess.CompletedProcess(cmd, proc.returncode, out, "")

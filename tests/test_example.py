@@ -24,7 +24,7 @@ from examples.reverse_text.task import (
     sample_problems,
 )
 from prime_ckpt.layout import latest_complete_step, scan_checkpoints, scan_weights
-from tests.conftest import run_proc
+from tests.conftest import kill_tree, run_proc
 
 STEP_RE = re.compile(r"^step (\d+) \| loss (\S+) \| reward (\S+)", re.MULTILINE)
 FINAL_RE = re.compile(r"^final step (\d+) \| params sha256 ([0-9a-f]{64})$", re.MULTILINE)
@@ -157,7 +157,6 @@ def test_sigterm_checkpoints_exits_0_and_resumes_bitwise(tmp_path):
     """SIGTERM to the launcher mid-run (no interval checkpoint due): the trainer finishes its
     step and checkpoints it, the orchestrator writes its record for that step, exit 0; a resume
     loads exactly the model of that step (weights/step_t of the same run)."""
-    import os
     import signal
     import subprocess
     import time
@@ -179,7 +178,7 @@ def test_sigterm_checkpoints_exits_0_and_resumes_bitwise(tmp_path):
         stdout, _ = proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
     assert proc.returncode == 0, stdout[-4000:]
     assert "rl: preempted: every program checkpointed and exited 0" in stdout
     [t] = [int(m) for m in re.findall(r"^trainer: wrote checkpoint step (\d+) before exiting$", stdout, re.MULTILINE)]

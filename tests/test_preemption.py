@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import SCRIPTS, _env, torchrun
+from conftest import SCRIPTS, _env, kill_tree, torchrun
 
 from prime_ckpt.preemption import PreemptionHandler, parse_signals
 
@@ -47,7 +47,7 @@ def test_preempted_job_exits_0_and_resumes_bitwise(tmp_path, sig, targets):
         stdout, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
     assert proc.returncode == 0, stdout[-3000:]
     saved = json.loads((out / "preempted.json").read_text())
     assert f"rank 0: preempted at step {saved['step']}" in stdout and f"rank 1: preempted at step {saved['step']}" in stdout
