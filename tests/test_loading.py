@@ -1,0 +1,171 @@
+"""The direct read path (prime_ckpt.loading) gives bitwise what DCP's own path gives, takes the
+direct path where it should, and hands everything else to DCP."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+
+from prime_ckpt.loading import DirectReadMixin, _byte_range, _locate, _NotDirect
+
+
+class DirectReader(DirectReadMixin, FileSystemReader):
+    pass
+
+
+def _state() -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "f32": torch.randn(33, 7, generator=g),
+        "bf16": torch.randn(5, 3, generator=g).to(torch.bfloat16),
+        "f16": torch.randn(4, generator=g).to(torch.float16),
+        "i64": torch.randint(-(2**40), 2**40, (6, 2), generator=g),
+        "bool": torch.rand(9, generator=g) > 0.5,
+        "scalar": torch.tensor(3.25),
+        "empty": torch.zeros(0, 4),
+        "nested": {"u8": torch.randint(0, 255, (3, 3), generator=g, dtype=torch.uint8)},
+        "step": 7,  # a non-tensor value: a BYTE_IO item, read by DCP's path
+        "transposed": torch.randn(6, 4, generator=g).t(),  # saved with its strides: not contiguous
+    }
+
+
+def _zeros_like(sd):
+    return {k: _zeros_like(v) if isinstance(v, dict) else (torch.zeros_like(v) if torch.is_tensor(v) else 0) for k, v in sd.items()}
+
+
+def _flat(sd, prefix=""):
+    for k, v in sd.items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}.")
+        else:
+            yield prefix + k, v
+
+
+def test_direct_read_is_bitwise_equal_to_dcp(tmp_path):
+    sd = _state()
+    dcp.save(sd, storage_writer=FileSystemWriter(tmp_path), no_dist=True)
+    ours, theirs = _zeros_like(sd), _zeros_like(sd)
+    reader = DirectReader(tmp_path)
+    dcp.load(ours, storage_reader=reader, no_dist=True)
+    dcp.load(theirs, storage_reader=FileSystemReader(tmp_path), no_dist=True)
+    for (k, a), (_, b) in zip(_flat(ours), _flat(theirs)):
+        if torch.is_tensor(a):
+            assert a.dtype == b.dtype and a.shape == b.shape, k
+            assert torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8)), k
+        else:
+            assert a == b == 7, k
+    for (k, a), (_, b) in zip(_flat(ours), _flat(sd)):
+        assert (torch.equal(a, b) if torch.is_tensor(a) else a == b), k
+    # direct: f32 bf16 f16 i64 bool scalar u8; DCP's path: the int (bytes) and the transposed
+    # tensor (its target is not contiguous); the empty tensor has no bytes and no read item
+    assert (reader.direct_items, reader.fallback_items) == (7, 2)
+
+
+def test_non_contiguous_storage_falls_back(tmp_path):
+    """A tensor saved with permuted strides (torch.save keeps them) into a contiguous target:
+    the stored bytes are not in the target's order, so the direct path must decline."""
+    src = torch.randn(6, 4).t().contiguous().t()  # strides (1, 6): column-major storage
+    assert not src.is_contiguous()
+    dcp.save({"w": src}, storage_writer=FileSystemWriter(tmp_path), no_dist=True)
+    out = {"w": torch.zeros(6, 4)}
+    reader = DirectReader(tmp_path)
+    dcp.load(out, storage_reader=reader, no_dist=True)
+    assert torch.equal(out["w"], src)
+    assert (reader.direct_items, reader.fallback_items) == (0, 1)
+
+
+def test_dtype_mismatch_falls_back_and_dcp_converts(tmp_path):
+    dcp.save({"w": torch.arange(6, dtype=torch.float32)}, storage_writer=FileSystemWriter(tmp_path), no_dist=True)
+    out = {"w": torch.zeros(6, dtype=torch.float64)}
+    reader = DirectReader(tmp_path)
+    dcp.load(out, storage_reader=reader, no_dist=True)
+    assert torch.equal(out["w"], torch.arange(6, dtype=torch.float64))
+    assert reader.fallback_items == 1 and reader.direct_items == 0
+
+
+def _blob(obj) -> bytes:
+    b = io.BytesIO()
+    torch.save(obj, b)
+    return b.getvalue()
+
+
+def test_locate_finds_the_data_of_a_torch_save_blob(tmp_path):
+    t = torch.arange(12, dtype=torch.int32).reshape(3, 4)
+    prefix = b"x" * 37  # the blob sits at an arbitrary offset inside a bigger file
+    f = tmp_path / "f"
+    f.write_bytes(prefix + _blob(t) + b"tail")
+    with open(f, "rb") as fh:
+        desc, start = _locate(fh, len(prefix), len(_blob(t)))
+        fh.seek(start)
+        data = fh.read(t.numel() * 4)
+    assert desc.size == (3, 4) and desc.stride == (4, 1) and desc.storage.dtype == torch.int32
+    assert data == t.numpy().tobytes()
+
+
+@pytest.mark.parametrize("obj", [
+    {"a": torch.zeros(2)},  # not a single tensor
+    torch.zeros(4)[1:3],  # a view: storage offset 1 (torch.save keeps the whole storage)
+])
+def test_locate_or_range_refuses_unusual_blobs(tmp_path, obj):
+    f = tmp_path / "f"
+    f.write_bytes(_blob(obj))
+    with open(f, "rb") as fh, pytest.raises(_NotDirect):
+        desc, _ = _locate(fh, 0, f.stat().st_size)
+        _byte_range(desc, (0,) * len(desc.size), desc.size)
+
+
+def test_locate_never_runs_a_pickled_callable(tmp_path):
+    """A blob whose data.pkl asks for another global (here os.system) is declined before the
+    global is resolved."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("archive/data.pkl", b"cos\nsystem\n(S'touch " + str(tmp_path / "pwned").encode() + b"'\ntR.")
+        z.writestr("archive/byteorder", "little")
+    f = tmp_path / "f"
+    f.write_bytes(buf.getvalue())
+    with open(f, "rb") as fh, pytest.raises(_NotDirect, match="global os.system"):
+        _locate(fh, 0, f.stat().st_size)
+    assert not (tmp_path / "pwned").exists()
+
+
+@st.composite
+def _regions(draw):
+    size = tuple(draw(st.lists(st.integers(1, 5), min_size=1, max_size=4)))
+    offsets, lengths = [], []
+    for n in size:
+        off = draw(st.integers(0, n - 1))
+        offsets.append(off)
+        lengths.append(draw(st.integers(1, n - off)))
+    return size, tuple(offsets), tuple(lengths)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_regions())
+def test_byte_range_matches_narrow(region):
+    """Whenever ``_byte_range`` accepts a region, those bytes are exactly the narrowed tensor's;
+    it accepts every region that is one contiguous range."""
+    size, offsets, lengths = region
+    t = torch.arange(int(torch.tensor(size).prod())).reshape(size)
+    expected = t
+    for d, (o, n) in enumerate(zip(offsets, lengths)):
+        expected = expected.narrow(d, o, n)
+    from prime_ckpt.loading import _Rebuilt, _Storage
+
+    desc = _Rebuilt(_Storage("0", torch.int64, t.numel()), 0, size, t.stride())
+    raw = t.numpy().tobytes()
+    try:
+        start, nbytes = _byte_range(desc, offsets, lengths)
+    except _NotDirect:
+        # declined: the region must really not be one range of the storage
+        flat = expected.reshape(-1)
+        first = int(flat[0]) if flat.numel() else 0
+        assert not torch.equal(flat, torch.arange(first, first + flat.numel()))
+        return
+    assert raw[start:start + nbytes] == expected.contiguous().numpy().tobytes()
