@@ -8,6 +8,12 @@ command: 0 ok, 1 a check failed (``verify`` found a problem, ``diff`` a differen
 error or bad input. Adding a command
 (``list``, ``plan``, ``prune``, ``verify``, ``convert``, ``diff``) means adding one function
 decorated with ``@app.command("name")`` whose body runs inside ``with user_errors():``.
+
+The read-only commands (``inspect``, ``list``, ``verify``, ``plan``, ``--help``) never import
+torch: importing it alone takes seconds, longer than the work itself. Modules that need torch
+(``convert``, ``compare``, ``trainer`` ...) are imported inside the commands that use them, and
+their error types are passed to :func:`user_errors` there
+(``tests/test_inspect_torch_free.py`` checks this).
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from prime_ckpt.convert import ConvertError
 from prime_ckpt.dcp_metadata import MetadataError
 from prime_ckpt.inspection import InspectError, describe, to_dict
 from prime_ckpt.layout import CheckpointNotFoundError
@@ -36,13 +41,13 @@ EXIT_CHECK_FAILED = 1
 #: Exit code for a bad path or an unreadable/unsafe file (same as click's usage errors).
 EXIT_USER_ERROR = 2
 
-#: Exceptions that mean "the path or file the user gave is wrong", not a bug.
+#: Exceptions that mean "the path or file the user gave is wrong", not a bug (commands that import
+#: a torch module add its errors: ``user_errors(ConvertError)``).
 USER_ERRORS: tuple[type[BaseException], ...] = (
     InspectError,
     MetadataError,
     ProgressRecordError,
     CheckpointNotFoundError,
-    ConvertError,
     VerifyTargetError,
     ManifestError,
     OSError,
@@ -77,11 +82,12 @@ def _one_line(exc: BaseException) -> str:
 
 
 @contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn :data:`USER_ERRORS` into ``error: <path>: <what>`` on stderr and exit code 2."""
+def user_errors(*extra: type[BaseException]) -> Iterator[None]:
+    """Turn :data:`USER_ERRORS` (and ``extra``) into ``error: <path>: <what>`` on stderr and
+    exit code 2."""
     try:
         yield
-    except USER_ERRORS as e:
+    except USER_ERRORS + extra as e:
         if _state["debug"]:
             raise
         typer.echo(f"error: {_one_line(e)}", err=True)
@@ -253,6 +259,7 @@ def inspect_cmd(
 
     Exit codes: 0 shown (incomplete steps are shown as INCOMPLETE); 2 missing path, not a
     checkpoint, unreadable or unsafe metadata (one line on stderr: "error: <path>: <what>").
+    Does not import torch (.metadata is read into torch-free stand-ins), so it starts fast.
     """
     with user_errors():
         result = to_dict(describe(path, name_filter))
@@ -403,8 +410,8 @@ def list_cmd(
     """One row per checkpoint step and weights step: complete?, parts, bytes, progress, retention.
 
     \b
-    Reads directory listings, orchestrator.pt (weights_only), save_info.json and manifest
-    presence; never tensor data; writes nothing. With --keep/--keep-interval/--async-level the
+    Reads directory listings, orchestrator.pt (plain values only), save_info.json and manifest
+    presence; never tensor data; writes nothing; does not import torch. With --keep/--keep-interval/--async-level the
     retention plan's decision is shown per step (as `plan` would make it); without them "-".
     JSON ("schema": "prime-ckpt.list/1"):
       {path, parts: ["trainer", "orchestrator"?] (what this run writes),
@@ -502,8 +509,8 @@ def verify_cmd(
     Per step: every file the manifest lists is re-hashed (xxh3_64, read in chunks) and compared
     (size and checksum); files missing from disk and extra files in a covered part are reported.
     Also, without reading tensor data: .metadata reads safely, every data file it references
-    exists and is long enough, no unreferenced files in trainer/, orchestrator.pt loads with
-    weights_only, a weights dir has COMPLETE and a safetensors header that matches its size.
+    exists and is long enough, no unreferenced files in trainer/, orchestrator.pt reads as a
+    progress record, a weights dir has COMPLETE and a safetensors header that matches its size.
     A step without manifest.json fails ("no manifest") unless --allow-missing-manifest;
     `prime-ckpt manifest PATH` writes one for checkpoints saved before manifests existed.
     A part written after the manifest (orchestrator.pt) is "unverified": checked, not hashed.
@@ -636,9 +643,9 @@ def convert_cmd(
     """
     from dataclasses import asdict
 
-    from prime_ckpt.convert import dcp_to_torch_save, to_safetensors, torch_save_to_dcp
+    from prime_ckpt.convert import ConvertError, dcp_to_torch_save, to_safetensors, torch_save_to_dcp
 
-    with user_errors():
+    with user_errors(ConvertError):
         if from_ is _From.torch_save:
             if to not in (None, _To.dcp):
                 raise ConvertError(f"{src}: --from torch-save converts to dcp only (got --to {to.value})")
@@ -692,8 +699,9 @@ def diff_cmd(
     Exit codes: 0 identical; 1 different; 2 bad path or unreadable/unsafe metadata.
     """
     from prime_ckpt.compare import diff
+    from prime_ckpt.convert import ConvertError
 
-    with user_errors():
+    with user_errors(ConvertError):
         if values:
             from prime_ckpt.convert import open_source
 

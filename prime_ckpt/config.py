@@ -5,6 +5,10 @@ Flags follow the seed's spelling (``--ckpt.interval``, ``--ckpt.save-async``,
 (a TOML config file, overridden by later flags). As in the seed, a run writes no checkpoints
 unless checkpointing is asked for: a bare ``--ckpt``, any ``--ckpt.*`` flag, or a ``[ckpt]``
 table in the TOML.
+
+``--storage.options`` (:class:`StorageConfig`) takes a JSON object of fsspec storage options for
+remote output directories (``s3://...``). It may hold secrets: it is left out of ``repr``,
+``model_dump()`` shows it masked, and a validation error never echoes it.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 if sys.version_info >= (3, 11):
@@ -48,6 +52,26 @@ class CheckpointConfig(BaseModel):
 
     timeout: float = Field(300.0, gt=0)
     """Seconds a checkpoint collective waits for the other ranks; past it the save fails on every rank."""
+
+
+class StorageConfig(BaseModel):
+    """Remote storage (``--storage.*``): how fsspec reaches an ``s3://`` / ``gs://`` output dir."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    options: dict[str, Any] = Field(default_factory=dict, repr=False)
+    """fsspec storage options as a JSON object, e.g. '{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}'; empty: credentials and endpoint come from the environment (AWS_* variables, ~/.aws). Never printed or logged."""
+
+    @field_serializer("options")
+    def _mask_options(self, options: dict[str, Any]) -> Any:
+        return MASK if options else {}
+
+
+#: What a secret value shows as when a config is dumped.
+MASK = "**********"
+
+#: Field names whose input a validation error never echoes (they may hold secrets).
+_SECRET_FIELDS = frozenset({"options"})
 
 
 class WandbConfig(BaseModel):
@@ -155,7 +179,8 @@ def format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         got = e.get("input")
-        suffix = f" (got {got!r})" if not isinstance(got, dict) and e.get("type") != "missing" else ""
+        secret = any(str(p) in _SECRET_FIELDS for p in e["loc"])
+        suffix = f" (got {got!r})" if not isinstance(got, dict) and e.get("type") != "missing" and not secret else ""
         lines.append(f"{_flag_name(tuple(e['loc']))}: {e['msg']}{suffix}")
     return "; ".join(lines)
 

@@ -200,7 +200,7 @@ def open_dcp(trainer_dir: Path, *, model_only: bool = False) -> TensorSource:
 
 def open_safetensors(file: Path) -> TensorSource:
     """A safetensors file as a :class:`TensorSource` (reads its header only)."""
-    from prime_ckpt.inspection import _SAFETENSORS_DTYPES
+    from prime_ckpt.inspection import SAFETENSORS_DTYPES
     from prime_ckpt.manifest import safetensors_header
 
     try:
@@ -213,7 +213,7 @@ def open_safetensors(file: Path) -> TensorSource:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
+        dtype = getattr(torch, SAFETENSORS_DTYPES.get(entry.get("dtype"), ""), None)
         if dtype is None:
             raise ConvertError(f"{file}: tensor {name}: unsupported dtype {entry.get('dtype')}")
         tensors[name] = TensorInfo(tuple(int(s) for s in entry["shape"]), dtype)

@@ -16,6 +16,12 @@ Rules kept here and nowhere else:
 * a part is *complete* only when its last-written file exists: ``trainer/.metadata`` (DCP writes
   it atomically after every rank's data is fsync'd), ``orchestrator.pt`` (written by atomic
   rename) and ``weights/step_<N>/COMPLETE`` (written last, after the data is fsync'd).
+  On object storage the same files are the marks, written last by upload order (see
+  :mod:`prime_ckpt.storage`).
+
+``output_dir`` may be a local path or an fsspec URL (``s3://bucket/run``; see
+:func:`prime_ckpt.storage.to_path`); on a remote path an inventory scan is one listing of
+``checkpoints/`` (and of ``weights/``), never served from a cache.
 
 This module only reads the file system; it never writes.
 """
@@ -29,6 +35,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prime_ckpt.storage import AnyPath, is_remote, list_tree, refresh, to_path
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -38,6 +46,8 @@ ORCHESTRATOR_PART = "orchestrator"
 ORCHESTRATOR_FILE = "orchestrator.pt"
 DCP_METADATA_FILE = ".metadata"
 WEIGHTS_MARKER = "COMPLETE"
+MODEL_FILE = "model.safetensors"  # in weights/step_<N>/
+CONFIG_FILE = "config.json"  # in weights/step_<N>/
 SAVE_INFO_FILE = "save_info.json"
 MANIFEST_FILE = "manifest.json"
 
@@ -72,10 +82,10 @@ def step_dirname(step: int) -> str:
 class RunLayout:
     """Paths of one run's output directory (pure: builds paths, touches nothing)."""
 
-    output_dir: Path
+    output_dir: AnyPath
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "output_dir", Path(self.output_dir))
+        object.__setattr__(self, "output_dir", to_path(self.output_dir))
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -102,19 +112,24 @@ class RunLayout:
         return self.weights_dir / step_dirname(step)
 
 
-def trainer_part_complete(trainer_dir: Path) -> bool:
+def _fresh_is_file(path: AnyPath) -> bool:
+    refresh(path)
+    return path.is_file()
+
+
+def trainer_part_complete(trainer_dir: AnyPath | str) -> bool:
     """True iff the DCP directory has its ``.metadata`` (written last, atomically)."""
-    return (Path(trainer_dir) / DCP_METADATA_FILE).is_file()
+    return _fresh_is_file(to_path(trainer_dir) / DCP_METADATA_FILE)
 
 
-def orchestrator_part_complete(path: Path) -> bool:
-    """True iff ``orchestrator.pt`` exists (it only ever appears by atomic rename)."""
-    return Path(path).is_file()
+def orchestrator_part_complete(path: AnyPath | str) -> bool:
+    """True iff ``orchestrator.pt`` exists (it only ever appears by atomic rename or one PUT)."""
+    return _fresh_is_file(to_path(path))
 
 
-def weights_complete(weights_step_dir: Path) -> bool:
+def weights_complete(weights_step_dir: AnyPath | str) -> bool:
     """True iff ``weights/step_<N>/COMPLETE`` exists (written after the data is durable)."""
-    return (Path(weights_step_dir) / WEIGHTS_MARKER).is_file()
+    return _fresh_is_file(to_path(weights_step_dir) / WEIGHTS_MARKER)
 
 
 @dataclass(frozen=True)
@@ -126,7 +141,7 @@ class CheckpointStep:
     """
 
     step: int
-    path: Path
+    path: AnyPath
     parts: dict[str, bool] = field(default_factory=dict)
     present: tuple[str, ...] = ()
 
@@ -140,7 +155,7 @@ class WeightsStep:
     """One ``weights/step_<N>`` directory as found on disk."""
 
     step: int
-    path: Path
+    path: AnyPath
     complete: bool
 
 
@@ -155,12 +170,14 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def scan_checkpoints(output_dir: Path | str) -> list[CheckpointStep]:
+def scan_checkpoints(output_dir: AnyPath | str) -> list[CheckpointStep]:
     """Inventory of ``<output_dir>/checkpoints/step_*``, ordered by step (integer order).
 
     Names that are not ``step_<int>`` are skipped. A missing ``checkpoints/`` gives ``[]``.
     """
-    layout = RunLayout(Path(output_dir))
+    layout = RunLayout(output_dir)
+    if is_remote(layout.checkpoints_dir):
+        return _scan_checkpoints_remote(layout.checkpoints_dir)
     result = []
     for step, path in _step_dirs(layout.checkpoints_dir):
         trainer_dir = path / TRAINER_PART
@@ -178,16 +195,54 @@ def scan_checkpoints(output_dir: Path | str) -> list[CheckpointStep]:
     return result
 
 
-def scan_weights(output_dir: Path | str) -> list[WeightsStep]:
+def scan_weights(output_dir: AnyPath | str) -> list[WeightsStep]:
     """Inventory of ``<output_dir>/weights/step_*``, ordered by step (integer order)."""
-    layout = RunLayout(Path(output_dir))
+    layout = RunLayout(output_dir)
+    if is_remote(layout.weights_dir):
+        return _scan_weights_remote(layout.weights_dir)
     return [
         WeightsStep(step=step, path=path, complete=weights_complete(path))
         for step, path in _step_dirs(layout.weights_dir)
     ]
 
 
-def latest_complete_step(output_dir: Path | str, parts: tuple[str, ...] = RUN_PARTS) -> int | None:
+def _remote_steps(root: AnyPath) -> list[tuple[int, AnyPath, set[str]]]:
+    """``(step, path, {relative paths under the step dir})`` for every ``step_<int>`` directory
+    under a remote ``root``, from one uncached listing, ordered by step."""
+    tree = list_tree(root)
+    by_step: dict[str, set[str]] = {}
+    for rel, kind in tree.items():
+        head, _, tail = rel.partition("/")
+        if parse_step(head) is None:
+            continue
+        if not tail:
+            if kind == "directory":
+                by_step.setdefault(head, set())
+            continue
+        by_step.setdefault(head, set()).add(tail)
+    return sorted((parse_step(name), root / name, entries) for name, entries in by_step.items())  # type: ignore[misc]
+
+
+def _scan_checkpoints_remote(checkpoints_dir: AnyPath) -> list[CheckpointStep]:
+    result = []
+    for step, path, entries in _remote_steps(checkpoints_dir):
+        present = tuple(name for name, rel in ((TRAINER_PART, TRAINER_PART), (ORCHESTRATOR_PART, ORCHESTRATOR_FILE)) if rel in entries)
+        parts = {
+            TRAINER_PART: f"{TRAINER_PART}/{DCP_METADATA_FILE}" in entries,
+            ORCHESTRATOR_PART: ORCHESTRATOR_FILE in entries,
+        }
+        result.append(CheckpointStep(step=step, path=path, parts=parts, present=present))
+    return result
+
+
+def _scan_weights_remote(weights_dir: AnyPath) -> list[WeightsStep]:
+    return [
+        WeightsStep(step=step, path=path, complete=WEIGHTS_MARKER in entries)
+        for step, path, entries in _remote_steps(weights_dir)
+    ]
+
+
+def latest_complete_step(output_dir: AnyPath | str, parts: tuple[str, ...] = RUN_PARTS) -> int | None:
     """The highest step whose every part in ``parts`` is complete, or ``None``."""
     complete = [c.step for c in scan_checkpoints(output_dir) if c.complete(parts)]
     return max(complete) if complete else None
@@ -204,7 +259,7 @@ def _describe(steps: list[CheckpointStep], parts: tuple[str, ...]) -> str:
 
 
 def resolve_resume_step(
-    output_dir: Path | str, resume_step: int | None, parts: tuple[str, ...] = RUN_PARTS
+    output_dir: AnyPath | str, resume_step: int | None, parts: tuple[str, ...] = RUN_PARTS
 ) -> int | None:
     """Turn ``--ckpt.resume-step`` into the step to load, or ``None`` to start fresh.
 
@@ -228,13 +283,13 @@ def resolve_resume_step(
         if not complete:
             logger.info(
                 "--ckpt.resume-step -1: no complete checkpoint under %s (%s); starting fresh",
-                RunLayout(Path(output_dir)).checkpoints_dir,
+                RunLayout(output_dir).checkpoints_dir,
                 _describe(steps, parts),
             )
             return None
         return max(complete)
     match = [c for c in steps if c.step == resume_step]
-    path = RunLayout(Path(output_dir)).step_dir(resume_step)
+    path = RunLayout(output_dir).step_dir(resume_step)
     if not match:
         raise CheckpointNotFoundError(f"{path}: no such checkpoint step; {_describe(steps, parts)}")
     if not match[0].complete(parts):
@@ -254,7 +309,7 @@ class Inventory:
     weights: tuple[WeightsStep, ...] = ()
 
 
-def scan_inventory(output_dir: Path | str) -> Inventory:
+def scan_inventory(output_dir: AnyPath | str) -> Inventory:
     """:func:`scan_checkpoints` and :func:`scan_weights` together."""
     return Inventory(tuple(scan_checkpoints(output_dir)), tuple(scan_weights(output_dir)))
 

@@ -32,12 +32,16 @@ restricted unpickler, every data file the metadata references present and long e
 ``orchestrator.pt`` readable with ``weights_only=True``, the safetensors header consistent with
 the file size). :func:`verify_path` runs :func:`verify_step` over an output dir, a
 ``checkpoints/`` or ``weights/`` dir, or one step dir.
+
+Every path may be an fsspec URL or a UPath carrying storage options (files are then listed with
+one uncached listing and read through fsspec; see :mod:`prime_ckpt.storage`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import posixpath
 import re
 import struct
 import time
@@ -62,7 +66,14 @@ from prime_ckpt.layout import (
     scan_checkpoints,
     scan_weights,
 )
-from prime_ckpt.storage import atomic_write_bytes
+from prime_ckpt.storage import (
+    AnyPath,
+    atomic_write_bytes,
+    is_remote,
+    list_tree,
+    read_trainer_metadata,
+    to_path,
+)
 
 SCHEMA = "prime-ckpt.manifest/1"
 VERIFY_SCHEMA = "prime-ckpt.verify/1"
@@ -87,13 +98,14 @@ class VerifyTargetError(ValueError):
 
 
 # -- hashing ----------------------------------------------------------------------------------
-def hash_file(path: Path | str, on_bytes: OnBytes | None = None) -> tuple[int, str]:
+def hash_file(path: AnyPath | str, on_bytes: OnBytes | None = None) -> tuple[int, str]:
     """``(size, xxh3_64 hex digest)`` of a file, read in :data:`CHUNK_BYTES` chunks."""
     h = xxhash.xxh3_64()
     buf = bytearray(CHUNK_BYTES)
     view = memoryview(buf)
     size = 0
-    with open(path, "rb", buffering=0) as f:
+    path = to_path(path)
+    with path.open("rb") if is_remote(path) else open(path, "rb", buffering=0) as f:
         while True:
             n = f.readinto(buf)
             if not n:
@@ -106,7 +118,7 @@ def hash_file(path: Path | str, on_bytes: OnBytes | None = None) -> tuple[int, s
 
 
 # -- which files ------------------------------------------------------------------------------
-def _is_weights_dir(step_dir: Path) -> bool:
+def _is_weights_dir(step_dir: AnyPath) -> bool:
     if step_dir.parent.name == WEIGHTS_DIR:
         return True
     if step_dir.parent.name == CHECKPOINTS_DIR:
@@ -114,7 +126,14 @@ def _is_weights_dir(step_dir: Path) -> bool:
     return (step_dir / WEIGHTS_MARKER).exists() and not (step_dir / TRAINER_PART).exists()
 
 
-def _walk_files(root: Path, base: Path) -> list[str]:
+def _walk_files(root: AnyPath, base: AnyPath) -> list[str]:
+    if is_remote(root):
+        prefix = str(root)[len(str(base)) :].strip("/")
+        return sorted(
+            posixpath.join(prefix, rel) if prefix else rel
+            for rel, kind in list_tree(root).items()
+            if kind == "file" and not _TMP_RE.match(posixpath.basename(rel))
+        )
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
@@ -126,9 +145,9 @@ def _walk_files(root: Path, base: Path) -> list[str]:
     return out
 
 
-def covered_files(step_dir: Path | str) -> tuple[str, list[str], list[str]]:
+def covered_files(step_dir: AnyPath | str) -> tuple[str, list[str], list[str]]:
     """``(kind, parts, relative paths)`` of the files a manifest of ``step_dir`` covers now."""
-    step_dir = Path(step_dir)
+    step_dir = to_path(step_dir)
     if _is_weights_dir(step_dir):
         files = [f for f in _walk_files(step_dir, step_dir) if f not in (MANIFEST_FILE, WEIGHTS_MARKER)]
         return "weights", [WEIGHTS_PART], files
@@ -143,7 +162,7 @@ def covered_files(step_dir: Path | str) -> tuple[str, list[str], list[str]]:
     return "checkpoint", parts, files
 
 
-def _files_of_parts(step_dir: Path, kind: str, parts: list[str]) -> list[str]:
+def _files_of_parts(step_dir: AnyPath, kind: str, parts: list[str]) -> list[str]:
     """Files on disk now that belong to ``parts`` (what a manifest covering them must list)."""
     if kind == "weights":
         return covered_files(step_dir)[2]
@@ -156,7 +175,7 @@ def _files_of_parts(step_dir: Path, kind: str, parts: list[str]) -> list[str]:
 
 
 # -- write ------------------------------------------------------------------------------------
-def write_manifest(step_dir: Path | str, on_bytes: OnBytes | None = None) -> Path:
+def write_manifest(step_dir: AnyPath | str, on_bytes: OnBytes | None = None) -> AnyPath:
     """Hash every file of the step's parts and write ``<step_dir>/manifest.json`` atomically.
 
     Call on one process (rank 0) after the step's data is durable; an existing manifest is
@@ -167,7 +186,7 @@ def write_manifest(step_dir: Path | str, on_bytes: OnBytes | None = None) -> Pat
         ManifestError: ``step_dir`` holds nothing a manifest covers (no ``trainer/``, no
             ``orchestrator.pt``; or an empty weights dir).
     """
-    step_dir = Path(step_dir)
+    step_dir = to_path(step_dir)
     if not step_dir.is_dir():
         raise FileNotFoundError(f"{step_dir}: no such step directory")
     kind, parts, files = covered_files(step_dir)
@@ -192,13 +211,13 @@ def write_manifest(step_dir: Path | str, on_bytes: OnBytes | None = None) -> Pat
     return path
 
 
-def read_manifest(step_dir: Path | str) -> dict[str, Any] | None:
+def read_manifest(step_dir: AnyPath | str) -> dict[str, Any] | None:
     """The parsed ``manifest.json`` of ``step_dir``, or ``None`` if there is none.
 
     Raises:
         ManifestError: the file exists but is not a readable prime-ckpt manifest.
     """
-    path = Path(step_dir) / MANIFEST_FILE
+    path = to_path(step_dir) / MANIFEST_FILE
     if not path.is_file():
         return None
     try:
@@ -221,7 +240,7 @@ def read_manifest(step_dir: Path | str) -> dict[str, Any] | None:
     return data
 
 
-def manifest_bytes(step_dir: Path | str) -> int:
+def manifest_bytes(step_dir: AnyPath | str) -> int:
     """Bytes :func:`verify_manifest` would hash (0 without a readable manifest)."""
     try:
         m = read_manifest(step_dir)
@@ -267,13 +286,13 @@ class VerifyReport:
         return asdict(self)
 
 
-def verify_manifest(step_dir: Path | str, on_bytes: OnBytes | None = None) -> VerifyReport:
+def verify_manifest(step_dir: AnyPath | str, on_bytes: OnBytes | None = None) -> VerifyReport:
     """Re-hash the files ``manifest.json`` lists; report mismatched, missing and extra files.
 
     Without a manifest the report has ``manifest=False`` and status ``"no manifest"``. A manifest
     that cannot be read is a problem (status ``"failed"``).
     """
-    step_dir = Path(step_dir)
+    step_dir = to_path(step_dir)
     kind = "weights" if _is_weights_dir(step_dir) else "checkpoint"
     report = VerifyReport(path=str(step_dir), kind=kind, step=parse_step(step_dir.name))
     try:
@@ -317,11 +336,11 @@ def verify_manifest(step_dir: Path | str, on_bytes: OnBytes | None = None) -> Ve
 
 
 # -- structural checks (no manifest needed, no tensor data read) -------------------------------
-def _check_trainer(trainer_dir: Path, problems: list[str]) -> None:
-    from prime_ckpt.dcp_metadata import MetadataError, read_dcp_metadata
+def _check_trainer(trainer_dir: AnyPath, problems: list[str]) -> None:
+    from prime_ckpt.dcp_metadata import MetadataError
 
     try:
-        md = read_dcp_metadata(trainer_dir)
+        md = read_trainer_metadata(trainer_dir)
     except MetadataError as e:
         problems.append(str(e))
         return
@@ -346,7 +365,7 @@ def _check_trainer(trainer_dir: Path, problems: list[str]) -> None:
             problems.append(f"{trainer_dir / rel}: not referenced by {DCP_METADATA_FILE} (stale or foreign file)")
 
 
-def _check_orchestrator(path: Path, problems: list[str]) -> None:
+def _check_orchestrator(path: AnyPath, problems: list[str]) -> None:
     from prime_ckpt.orchestrator import ProgressRecordError, load_progress
 
     try:
@@ -355,12 +374,12 @@ def _check_orchestrator(path: Path, problems: list[str]) -> None:
         problems.append(str(e))
 
 
-def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+def safetensors_header(path: AnyPath) -> tuple[dict[str, Any], int]:
     """``(header, expected file size)`` of a safetensors file, reading only its header.
 
     Raises ``ValueError`` (one line, names the file) for a file that is not safetensors.
     """
-    with open(path, "rb") as f:
+    with to_path(path).open("rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
             raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
@@ -376,8 +395,8 @@ def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     return header, 8 + n + end
 
 
-def _check_weights(step_dir: Path, problems: list[str]) -> None:
-    from prime_ckpt.weights import MODEL_FILE
+def _check_weights(step_dir: AnyPath, problems: list[str]) -> None:
+    from prime_ckpt.layout import MODEL_FILE
 
     for p in sorted(step_dir.glob("*.safetensors")) or [step_dir / MODEL_FILE]:
         if not p.is_file():
@@ -394,7 +413,7 @@ def _check_weights(step_dir: Path, problems: list[str]) -> None:
 
 
 def verify_step(
-    step_dir: Path | str,
+    step_dir: AnyPath | str,
     *,
     parts: tuple[str, ...] | None = None,
     allow_missing_manifest: bool = False,
@@ -410,7 +429,7 @@ def verify_step(
             ``"ok"`` instead of ``"no manifest"``.
         on_bytes: progress callback (bytes hashed).
     """
-    step_dir = Path(step_dir)
+    step_dir = to_path(step_dir)
     report = verify_manifest(step_dir, on_bytes)
     structural: list[str] = []
     incomplete = False
@@ -453,14 +472,14 @@ def verify_step(
     return report
 
 
-def verify_targets(path: Path | str) -> list[Path]:
+def verify_targets(path: AnyPath | str) -> list[AnyPath]:
     """The step directories :func:`verify_path` checks for ``path``, in (kind, step) order.
 
     Raises:
         VerifyTargetError: ``path`` is missing, not a directory, not a checkpoint, or holds no
             step directories.
     """
-    path = Path(path)
+    path = to_path(path)
     if not path.exists():
         raise VerifyTargetError(f"{path}: no such file or directory")
     if not path.is_dir():
@@ -483,7 +502,7 @@ def verify_targets(path: Path | str) -> list[Path]:
 
 
 def verify_path(
-    path: Path | str,
+    path: AnyPath | str,
     *,
     allow_missing_manifest: bool = False,
     on_bytes: OnBytes | None = None,

@@ -1,21 +1,28 @@
 """The orchestrator's progress record: ``checkpoints/step_<N>/orchestrator.pt``.
 
 The record holds plain Python values only (ints, floats, str, bool, None, lists, dicts), so it
-is written with ``torch.save`` and read back with ``torch.load(..., weights_only=True)``: a file
-a user points the tool at is never unpickled with full pickle (DESIGN invariant 7).
+is written with ``torch.save``, and a file a user points the tool at is never unpickled with full
+pickle (DESIGN invariant 7). :func:`load_progress` reads it without torch: a ``torch.save`` file
+is a zip whose ``<name>/data.pkl`` is a pickle; for plain values that pickle references no
+global except ``collections.OrderedDict`` and no persistent id, and the restricted unpickler
+admits nothing else. So the read-only CLI commands need not import torch, whose import alone
+takes seconds. A record holding a tensor (a ``torch.*`` global or a persistent id) is refused
+with a :class:`ProgressRecordError` that says so; a file that is not such a zip (legacy
+``torch.save`` format) or references another global is handed to
+``torch.load(..., weights_only=True)``, which accepts or refuses it as before.
 """
 
 from __future__ import annotations
 
+import collections
 import io
+import pickle
+import zipfile
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
-import torch
-
 from prime_ckpt.layout import RunLayout
-from prime_ckpt.storage import atomic_write_bytes
+from prime_ckpt.storage import AnyPath, atomic_write_bytes, is_remote, to_path
 
 _PLAIN = (int, float, str, bool, type(None))
 
@@ -74,29 +81,81 @@ class OrchestratorProgress:
         return cls(**known, extra=extra)
 
 
-def save_progress(path: Path | str, progress: OrchestratorProgress) -> None:
-    """Write the record atomically: tmp file -> fsync -> rename -> fsync(dir).
+def save_progress(path: AnyPath | str, progress: OrchestratorProgress) -> None:
+    """Write the record atomically: tmp file -> fsync -> rename -> fsync(dir) (on object
+    storage: one PUT). ``path`` may be an fsspec URL.
 
     Raises ``TypeError`` if ``progress.extra`` holds a non-plain value (nothing is written).
     """
+    import torch
+
     buf = io.BytesIO()
     torch.save(progress.to_dict(), buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_progress(path: Path | str) -> OrchestratorProgress:
-    """Read a record with ``weights_only=True``.
+class _NeedsTorch(Exception):
+    """The torch-free reader cannot read this file; ``torch.load(weights_only=True)`` decides."""
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles plain values only: no global but ``OrderedDict``, no persistent id (tensor)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch" or module.startswith("torch."):  # a tensor is rebuilt by torch._utils._rebuild_*
+            raise ProgressRecordError(
+                f"holds a tensor or another torch object (references {module}.{name}), not a progress "
+                "record (plain values only); nothing was loaded"
+            )
+        raise _NeedsTorch(f"references {module}.{name}")  # refused unresolved; weights_only decides
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise ProgressRecordError("holds a tensor, not a progress record (plain values only); nothing was loaded")
+
+
+def _read_plain(path: AnyPath) -> Any:
+    """The value of a ``torch.save`` zip of plain values, read without torch.
+
+    Raises ``_NeedsTorch`` when the file is not such a zip, and :class:`ProgressRecordError`
+    when it holds a tensor."""
+    with path.open("rb") as f:
+        try:
+            with zipfile.ZipFile(f) as zf:
+                pickles = [n for n in zf.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
+                if len(pickles) != 1:
+                    raise _NeedsTorch(f"{len(pickles)} data.pkl entries")
+                data = zf.read(pickles[0])
+        except zipfile.BadZipFile as e:
+            raise _NeedsTorch(str(e)) from None
+    try:
+        return _PlainUnpickler(io.BytesIO(data)).load()
+    except (ProgressRecordError, _NeedsTorch):
+        raise
+    except Exception as e:  # corrupt pickle: many types
+        raise _NeedsTorch(f"{type(e).__name__}: {e}") from None
+
+
+def load_progress(path: AnyPath | str) -> OrchestratorProgress:
+    """Read a record (``path`` may be an fsspec URL): torch-free when it holds plain values (see
+    the module docstring), else with ``torch.load(..., weights_only=True)``.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ProgressRecordError: the file is not a torch file or not a progress record
-            (message names the path).
+        ProgressRecordError: the file is not a torch file, holds a tensor, or is not a progress
+            record (message names the path).
     """
-    path = Path(path)
+    path = to_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: orchestrator progress record not found")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            data = _read_plain(path)
+        except _NeedsTorch:
+            import torch
+
+            data = torch.load(io.BytesIO(path.read_bytes()) if is_remote(path) else path, map_location="cpu", weights_only=True)
         return OrchestratorProgress.from_dict(data)
     except ProgressRecordError as e:
         raise ProgressRecordError(f"{path}: {e}") from None
@@ -104,13 +163,14 @@ def load_progress(path: Path | str) -> OrchestratorProgress:
         raise ProgressRecordError(f"{path}: not a readable orchestrator progress record ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def save_orchestrator_checkpoint(output_dir: Path | str, progress: OrchestratorProgress) -> Path:
-    """Write ``<output_dir>/checkpoints/step_<progress.step>/orchestrator.pt``; returns its path."""
-    path = RunLayout(Path(output_dir)).orchestrator_path(progress.step)
+def save_orchestrator_checkpoint(output_dir: AnyPath | str, progress: OrchestratorProgress) -> AnyPath:
+    """Write ``<output_dir>/checkpoints/step_<progress.step>/orchestrator.pt``; returns its path.
+    ``output_dir`` may be an fsspec URL or a UPath carrying storage options."""
+    path = RunLayout(output_dir).orchestrator_path(progress.step)
     save_progress(path, progress)
     return path
 
 
-def load_orchestrator_checkpoint(output_dir: Path | str, step: int) -> OrchestratorProgress:
+def load_orchestrator_checkpoint(output_dir: AnyPath | str, step: int) -> OrchestratorProgress:
     """Read ``<output_dir>/checkpoints/step_<step>/orchestrator.pt`` (see :func:`load_progress`)."""
-    return load_progress(RunLayout(Path(output_dir)).orchestrator_path(step))
+    return load_progress(RunLayout(output_dir).orchestrator_path(step))

@@ -34,11 +34,10 @@ import dataclasses
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from prime_ckpt.layout import RUN_PARTS, Inventory
-from prime_ckpt.storage import remove_tree
+from prime_ckpt.storage import AnyPath, remove_tree
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +125,7 @@ class PlanEntry:
     integer step, ``action`` ``"keep"`` or ``"delete"``, ``reasons`` every rule that applied.
     """
 
-    path: Path
+    path: AnyPath
     kind: Kind
     step: int
     action: Action
@@ -252,12 +251,12 @@ def plan(
 class ApplyResult:
     """What :func:`apply_plan` did: paths deleted, already gone, and failures (path, error)."""
 
-    deleted: list[Path] = field(default_factory=list)
-    already_gone: list[Path] = field(default_factory=list)
-    failed: list[tuple[Path, str]] = field(default_factory=list)
+    deleted: list[AnyPath] = field(default_factory=list)
+    already_gone: list[AnyPath] = field(default_factory=list)
+    failed: list[tuple[AnyPath, str]] = field(default_factory=list)
 
 
-def apply_plan(p: Plan, *, remove: Callable[[Path], bool] = remove_tree) -> ApplyResult:
+def apply_plan(p: Plan, *, remove: Callable[[AnyPath], bool] = remove_tree) -> ApplyResult:
     """Delete every ``delete`` entry of ``p`` (checkpoints first, then weights).
 
     A path that is already gone is not an error; an ``OSError`` is logged and recorded in
@@ -278,7 +277,7 @@ def apply_plan(p: Plan, *, remove: Callable[[Path], bool] = remove_tree) -> Appl
 
 
 def plan_output_dir(
-    output_dir: Path | str,
+    output_dir: AnyPath | str,
     policy: RetentionPolicy,
     *,
     current_step: int | None = None,
@@ -296,7 +295,7 @@ def plan_output_dir(
     """
     from prime_ckpt.layout import RunLayout, detect_parts, scan_inventory
 
-    layout = RunLayout(Path(output_dir))
+    layout = RunLayout(output_dir)
     if not layout.output_dir.is_dir():
         raise FileNotFoundError(f"{layout.output_dir}: no such directory")
     if not (layout.checkpoints_dir.is_dir() or layout.weights_dir.is_dir()):
@@ -307,7 +306,7 @@ def plan_output_dir(
     return plan(inventory, policy, current_step=current_step, in_flight=in_flight)
 
 
-def plan_sizes(p: Plan) -> dict[Path, int]:
+def plan_sizes(p: Plan) -> dict[AnyPath, int]:
     """Bytes on disk of every entry's directory (reads the file system)."""
     from prime_ckpt.storage import tree_size
 

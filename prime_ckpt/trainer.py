@@ -16,6 +16,11 @@ Lifecycle (``--ckpt.save-async``): :meth:`Checkpointer.save` returns once the st
 (copied into reused CPU buffers), the write runs in the background on a dedicated gloo process
 group; :meth:`Checkpointer.wait` blocks until it is durable and raises its error;
 :meth:`Checkpointer.close` waits for the last save. A second save first waits for the first.
+
+``output_dir`` may be an fsspec URL (``s3://bucket/run``): the trainer directory is then written
+with DCP's ``FsspecWriter`` and read with an ``FsspecReader`` whose ``.metadata`` goes through
+the restricted unpickler, and rank 0's post-commit work goes through :mod:`prime_ckpt.storage`
+(see there for the commit protocol on object stores).
 """
 
 from __future__ import annotations
@@ -30,7 +35,6 @@ from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -44,27 +48,28 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
 from prime_ckpt.config import CheckpointConfig
-from prime_ckpt.dcp_metadata import (
-    SafeFileSystemReader,
-    SafeLoadPlanner,
-    read_dcp_metadata,
-)
+from prime_ckpt.dcp_metadata import SafeLoadPlanner
 from prime_ckpt.layout import (
-    DCP_METADATA_FILE,
     SAVE_INFO_FILE,
     TRAINER_PART,
     CheckpointNotFoundError,
     RunLayout,
     resolve_resume_step,
     scan_inventory,
+    trainer_part_complete,
 )
 from prime_ckpt.manifest import write_manifest
 from prime_ckpt.retention import Plan, RetentionPolicy, apply_plan, plan
 from prime_ckpt.staging import ReusedBufferStager
 from prime_ckpt.storage import (
+    AnyPath,
     atomic_write_bytes,
     clean_leftovers,
+    dcp_reader,
+    dcp_writer,
+    read_trainer_metadata,
     remove_tree,
+    to_path,
     tree_size,
 )
 
@@ -251,13 +256,13 @@ class CheckpointSaveError(RuntimeError):
         failures: ``{rank: "ExceptionType: message"}`` for every rank that failed.
     """
 
-    def __init__(self, step: int, path: Path, failures: dict[int, str]) -> None:
+    def __init__(self, step: int, path: AnyPath, failures: dict[int, str]) -> None:
         self.step, self.path, self.failures = step, path, failures
         detail = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failures.items()))
         super().__init__(f"{path}: checkpoint step {step} failed ({detail}); earlier checkpoints are untouched")
 
 
-def _save_error(step: int, path: Path, exc: BaseException) -> CheckpointSaveError:
+def _save_error(step: int, path: AnyPath, exc: BaseException) -> CheckpointSaveError:
     from torch.distributed.checkpoint.api import CheckpointException
 
     def one_line(e: BaseException) -> str:
@@ -321,7 +326,8 @@ class Checkpointer:
     """Saves and loads a :class:`TrainerState` under ``<output_dir>/checkpoints/step_<N>/trainer``.
 
     Args:
-        output_dir: run output directory.
+        output_dir: run output directory: a local path or an fsspec URL (``s3://bucket/run``,
+            ``gs://...``); see :func:`prime_ckpt.storage.to_path`.
         config: the ``--ckpt.*`` config (``interval``, ``save_async``, ``resume_step`` ...).
         timeout_s: collective timeout of the dedicated save process group (seconds; default
             ``config.timeout``); a rank that fails or hangs mid-save makes the others raise
@@ -331,13 +337,16 @@ class Checkpointer:
             an async-RL run; a trainer-only run needs only ``"trainer"``).
         weights_interval: retention also keeps weights steps that are multiples of N.
         async_mode: ``"thread"`` (default) or ``"process"`` for ``dcp.async_save``.
+        storage_options: fsspec options for a remote ``output_dir`` (``--storage.options``, e.g.
+            ``{"client_kwargs": {"endpoint_url": ...}}``); None: the file system's defaults
+            (environment variables, ``~/.aws`` ...). Never logged.
 
     Construct on every rank (collective when ``save_async``: it creates the gloo group once).
     """
 
     def __init__(
         self,
-        output_dir: Path | str,
+        output_dir: AnyPath | str,
         config: CheckpointConfig,
         *,
         timeout_s: float | None = None,
@@ -345,11 +354,12 @@ class Checkpointer:
         parts: tuple[str, ...] = (TRAINER_PART,),
         weights_interval: int | None = None,
         async_mode: str = "thread",
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         if async_mode not in ("thread", "process"):
             raise ValueError(f"async_mode must be 'thread' or 'process', got {async_mode!r}")
         self.async_mode = async_mode
-        self.layout = RunLayout(Path(output_dir))
+        self.layout = RunLayout(to_path(output_dir, storage_options))
         self.config = config
         self.parts = parts
         #: the retention policy applied after each committed save (None: ``--ckpt.keep`` unset,
@@ -409,18 +419,19 @@ class Checkpointer:
     def _post_commit_job(self, record: SaveRecord) -> None:
         """Rank 0, background: write ``save_info.json`` and ``manifest.json`` for the committed
         step, then apply retention (one decider: rank 0 alone deletes on shared storage).
-        Failures are logged, never raised: the checkpoint itself is already committed."""
+        Failures are logged, never raised: the checkpoint itself is already committed (and on
+        object storage a failure may come from the client library, not as an ``OSError``)."""
         step_dir = self.layout.step_dir(record.step)
         try:
             record.total_bytes = tree_size(self.layout.trainer_dir(record.step))
             atomic_write_bytes(step_dir / SAVE_INFO_FILE, json.dumps(asdict(record), indent=2).encode())
             write_manifest(step_dir)
-        except (OSError, ValueError) as e:
+        except Exception as e:
             logger.warning("%s: could not write the save record or manifest: %s", step_dir, e)
         if self.retention is not None:
             try:
                 apply_plan(self._plan(record.step, frozenset()))
-            except OSError as e:
+            except Exception as e:
                 logger.warning("retention after step %d failed: %s", record.step, e)
 
     # -- policy -----------------------------------------------------------------------------
@@ -487,7 +498,7 @@ class Checkpointer:
         if not self.config.save_async:
             t0 = time.perf_counter()
             try:
-                dcp.save(sd, checkpoint_id=str(trainer_dir), process_group=self._pg)
+                dcp.save(sd, storage_writer=dcp_writer(trainer_dir), process_group=self._pg)
             except BaseException as e:  # DCP's CheckpointException is a BaseException
                 if isinstance(e, (KeyboardInterrupt, SystemExit)):
                     raise
@@ -504,7 +515,7 @@ class Checkpointer:
         t0 = time.perf_counter()
         result = dcp.async_save(
             sd,
-            checkpoint_id=str(trainer_dir),
+            storage_writer=dcp_writer(trainer_dir),
             process_group=self._pg,
             async_stager=self._stager,
             async_checkpointer_type=AsyncCheckpointerType(self.async_mode),
@@ -606,10 +617,10 @@ class Checkpointer:
             FileNotFoundError: ``checkpoints/step_<step>/trainer`` is not a complete checkpoint.
         """
         trainer_dir = self.layout.trainer_dir(step)
-        if not (trainer_dir / DCP_METADATA_FILE).is_file():
+        if not trainer_part_complete(trainer_dir):
             raise FileNotFoundError(f"{trainer_dir}: not a complete trainer checkpoint (no .metadata)")
         sd = {APP_KEY: state.state_dict()}
-        metadata = read_dcp_metadata(trainer_dir)
+        metadata = read_trainer_metadata(trainer_dir)
         own_key = state._rank_key()
         src_key = source_rank_key(metadata.state_dict_metadata.keys(), _rank())
         if src_key is None:
@@ -632,7 +643,7 @@ class Checkpointer:
             sd[APP_KEY]["rank_state"] = {src_key: template}
         dcp.load(
             sd,
-            storage_reader=SafeFileSystemReader(str(trainer_dir)),
+            storage_reader=dcp_reader(trainer_dir),
             planner=SafeLoadPlanner(),
             process_group=self._pg,
         )

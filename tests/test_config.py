@@ -1,5 +1,7 @@
 """Config models and command-line parsing (flags, TOML files, errors naming the flag)."""
 
+import json
+
 import pytest
 
 from prime_ckpt.config import (
@@ -7,6 +9,7 @@ from prime_ckpt.config import (
     CliSettings,
     ConfigError,
     MonitorConfig,
+    StorageConfig,
     cli_entry,
     parse_cli,
 )
@@ -110,3 +113,35 @@ def test_help_documents_flags(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--ckpt.save-async" in out and "Save a checkpoint every N steps" in out
+
+
+class RemoteProg(CliSettings):
+    output_dir: str = "outputs/run"
+    """Run directory (a path or an fsspec URL)."""
+    storage: StorageConfig = StorageConfig()
+    """Remote storage."""
+
+
+def test_storage_options_parse_as_json_and_never_show(tmp_path, capsys):
+    secret = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}, "key": "AKIAXX", "secret": "hunter2"}
+    cfg = parse_cli(RemoteProg, ["--output-dir", "s3://bkt/run", "--storage.options", json.dumps(secret)])
+    assert cfg.output_dir == "s3://bkt/run" and cfg.storage.options == secret
+    shown = repr(cfg) + str(cfg) + repr(cfg.storage) + str(cfg.model_dump()) + cfg.model_dump_json()
+    assert "hunter2" not in shown and "AKIAXX" not in shown and "9000" not in shown
+    assert cfg.model_dump()["storage"]["options"] == "**********"
+    assert parse_cli(RemoteProg, []).storage.options == {} and RemoteProg().model_dump()["storage"]["options"] == {}
+    toml = tmp_path / "c.toml"
+    toml.write_text('[storage.options]\nsecret = "hunter2"\n[storage.options.client_kwargs]\nendpoint_url = "http://x"\n')
+    assert parse_cli(RemoteProg, ["@", str(toml)]).storage.options == {"secret": "hunter2", "client_kwargs": {"endpoint_url": "http://x"}}
+
+
+@pytest.mark.parametrize("bad", ['{"secret": "hunter2"', '"hunter2"', "[1, 2]"])
+def test_bad_storage_options_name_the_flag_not_the_value(bad, tmp_path):
+    with pytest.raises(ConfigError, match=r"storage\.options") as err:
+        parse_cli(RemoteProg, ["--storage.options", bad])
+    assert "hunter2" not in str(err.value)
+    toml = tmp_path / "c.toml"
+    toml.write_text('[storage]\noptions = "hunter2"\n')
+    with pytest.raises(ConfigError, match=r"--storage\.options") as err:
+        parse_cli(RemoteProg, ["@", str(toml)])
+    assert "hunter2" not in str(err.value)

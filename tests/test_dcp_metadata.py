@@ -1,22 +1,36 @@
-"""prime_ckpt.dcp_metadata: real DCP metadata reads back; crafted or broken files are refused."""
+"""prime_ckpt.dcp_metadata: real DCP metadata reads back (into torch's classes or the torch-free
+stand-ins, alike); crafted or broken files are refused in both modes."""
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import os
 import pickle
-from pathlib import Path
+import subprocess
+import sys
+from pathlib import Path, PurePath
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
+from prime_ckpt import dcp_metadata
 from prime_ckpt.dcp_metadata import (
     ALLOWED_GLOBALS,
+    DTYPES,
+    LAYOUTS,
+    MEMORY_FORMATS,
     MetadataError,
     UnsafeMetadataError,
+    is_bytes_entry,
+    is_tensor_entry,
     read_dcp_metadata,
 )
+from prime_ckpt.inspection import describe_trainer_part
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -106,14 +120,15 @@ def _payloads(marker: Path, real_dcp: Path) -> dict[str, bytes]:
     }
 
 
+@pytest.mark.parametrize("torch_free", [False, True], ids=["torch", "torch-free"])
 @pytest.mark.parametrize("kind", ["os.system", "builtins.exec", "nested", "dotted", "torch.load", "non-dataclass DCP class"])
-def test_malicious_metadata_is_refused_and_not_executed(tmp_path, real_dcp, kind):
+def test_malicious_metadata_is_refused_and_not_executed(tmp_path, real_dcp, kind, torch_free):
     marker = tmp_path / "pwned"
     trainer = tmp_path / "trainer"
     trainer.mkdir()
     (trainer / ".metadata").write_bytes(_payloads(marker, real_dcp)[kind])
     with pytest.raises(UnsafeMetadataError) as info:
-        read_dcp_metadata(trainer)
+        read_dcp_metadata(trainer, torch_free=torch_free)
     assert isinstance(info.value, ValueError) and isinstance(info.value, MetadataError)
     msg = str(info.value)
     assert str(trainer / ".metadata") in msg and "\n" not in msg
@@ -129,21 +144,23 @@ def test_malicious_payload_is_live(tmp_path, real_dcp):
     assert marker.exists()
 
 
-def test_refused_global_is_named(tmp_path, real_dcp):
+@pytest.mark.parametrize("torch_free", [False, True], ids=["torch", "torch-free"])
+def test_refused_global_is_named(tmp_path, real_dcp, torch_free):
     trainer = tmp_path / "t"
     trainer.mkdir()
     (trainer / ".metadata").write_bytes(pickle.dumps(_Exec("pass")))
     with pytest.raises(UnsafeMetadataError, match=r"builtins\.exec"):
-        read_dcp_metadata(trainer)
+        read_dcp_metadata(trainer, torch_free=torch_free)
 
 
-def test_truncated_metadata(tmp_path, real_dcp):
+@pytest.mark.parametrize("torch_free", [False, True], ids=["torch", "torch-free"])
+def test_truncated_metadata(tmp_path, real_dcp, torch_free):
     data = (real_dcp / ".metadata").read_bytes()
     trainer = tmp_path / "trainer"
     trainer.mkdir()
     (trainer / ".metadata").write_bytes(data[: len(data) // 2])
     with pytest.raises(MetadataError) as info:
-        read_dcp_metadata(trainer)
+        read_dcp_metadata(trainer, torch_free=torch_free)
     assert not isinstance(info.value, UnsafeMetadataError)
     assert str(trainer / ".metadata") in str(info.value) and "truncated" in str(info.value)
     assert "\n" not in str(info.value)
@@ -157,12 +174,13 @@ def test_truncated_metadata(tmp_path, real_dcp):
         (pickle.dumps({"step": 1}), "not DCP metadata"),
     ],
 )
-def test_not_metadata(tmp_path, content, words):
+@pytest.mark.parametrize("torch_free", [False, True], ids=["torch", "torch-free"])
+def test_not_metadata(tmp_path, content, words, torch_free):
     trainer = tmp_path / "trainer"
     trainer.mkdir()
     (trainer / ".metadata").write_bytes(content)
     with pytest.raises(MetadataError, match=words) as info:
-        read_dcp_metadata(trainer)
+        read_dcp_metadata(trainer, torch_free=torch_free)
     assert str(trainer / ".metadata") in str(info.value)
 
 
@@ -170,3 +188,139 @@ def test_missing_metadata(tmp_path):
     with pytest.raises(MetadataError, match="missing") as info:
         read_dcp_metadata(tmp_path)
     assert str(tmp_path / ".metadata") in str(info.value)
+
+
+# -- torch-free stand-ins ---------------------------------------------------------------------
+def _plain(x):
+    """A comparable, hashable form of DCP metadata built from either torch's classes or the
+    stand-ins: class names, field values, sizes as int tuples, dtypes/layouts as "torch.<name>"."""
+    if isinstance(x, (torch.dtype, torch.layout, torch.memory_format, dcp_metadata.DType, dcp_metadata.Layout, dcp_metadata.MemoryFormat)):
+        return ("torch", str(x))
+    if isinstance(x, enum.Enum):
+        return ("enum", x.name, x.value)
+    if isinstance(x, tuple) and type(x).__name__ == "Size":
+        return ("Size", tuple(int(i) for i in x))
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return (type(x).__name__, tuple((f.name, _plain(getattr(x, f.name))) for f in dataclasses.fields(x)))
+    if isinstance(x, dict):
+        return ("dict", tuple((_plain(k), _plain(v)) for k, v in x.items()))
+    if isinstance(x, (list, tuple)):
+        return (type(x).__name__, tuple(_plain(v) for v in x))
+    if isinstance(x, PurePath):
+        return ("path", str(x))
+    assert x is None or isinstance(x, (int, float, str, bytes)), type(x)
+    return x
+
+
+def test_torch_free_reads_the_same_metadata(real_dcp):
+    ours = read_dcp_metadata(real_dcp, torch_free=True)
+    theirs = read_dcp_metadata(real_dcp, torch_free=False)
+    assert type(ours) is dcp_metadata.Metadata
+    assert type(theirs).__module__ == "torch.distributed.checkpoint.metadata"
+    assert _plain(ours) == _plain(theirs)
+    md = ours.state_dict_metadata
+    assert md["w"].size == (4, 3) and md["w"].properties.dtype is DTYPES["float32"]
+    assert str(md["h"].properties.dtype) == "torch.bfloat16" and md["h"].properties.dtype.itemsize == 2
+    assert [(c.offsets, c.sizes) for c in md["n"].chunks] == [((0, 0), (2, 3))]
+    assert is_tensor_entry(md["w"]) and is_bytes_entry(md["meta.step"]) and not is_tensor_entry(md["meta.step"])
+    assert is_tensor_entry(theirs.state_dict_metadata["w"]) and is_bytes_entry(theirs.state_dict_metadata["meta.step"])
+    # storage_data is keyed by MetadataIndex, hashed and compared like DCP's (index ignored)
+    key = next(k for k in ours.storage_data if k.fqn == "meta.step")
+    assert ours.storage_data[dcp_metadata.MetadataIndex("meta.step", index=3)] is ours.storage_data[key]
+
+
+def test_default_mode_follows_torch_import(real_dcp):
+    """torch is imported in this process, so the default reads into torch's classes."""
+    assert type(read_dcp_metadata(real_dcp)).__module__ == "torch.distributed.checkpoint.metadata"
+
+
+@pytest.mark.parametrize("name_filter", [None, "app.model.*", "meta.*"])
+def test_tensor_table_is_the_same_in_both_modes(real_dcp, monkeypatch, name_filter):
+    from prime_ckpt import inspection
+
+    def table(torch_free: bool):
+        monkeypatch.setattr(inspection, "read_dcp_metadata", lambda d: read_dcp_metadata(d, torch_free=torch_free))
+        return dataclasses.asdict(describe_trainer_part(real_dcp, name_filter))
+
+    free, backed = table(True), table(False)
+    assert free == backed
+    if name_filter is None:
+        rows = {t["name"]: (t["shape"], t["dtype"], t["bytes"], t["sharded"]) for t in free["tensors"]}
+        assert rows == {
+            "w": ([4, 3], "float32", 48, False), "h": ([5], "bfloat16", 10, False),
+            "n": ([2, 3], "int64", 48, False), "b": ([2], "uint8", 2, False),
+        }  # fmt: skip
+        assert all(b["stored_bytes"] for b in free["non_tensors"])
+
+
+def test_dtype_table_matches_torch():
+    torch_dtypes = {k: v for k, v in vars(torch).items() if isinstance(v, torch.dtype)}
+    assert set(DTYPES) == set(torch_dtypes)
+    for name, dtype in torch_dtypes.items():
+        assert (str(DTYPES[name]), DTYPES[name].itemsize) == (str(dtype), dtype.itemsize), name
+    assert set(LAYOUTS) == {k for k, v in vars(torch).items() if isinstance(v, torch.layout)}
+    for layout in LAYOUTS.values():
+        assert dcp_metadata._get_layout(str(layout)) is layout
+        assert torch.serialization._get_layout(str(layout)) is getattr(torch, layout.name)
+    formats = {k: v for k, v in vars(torch).items() if isinstance(v, torch.memory_format)}
+    assert {k: str(v) for k, v in MEMORY_FORMATS.items()} == {k: str(v) for k, v in formats.items()}
+
+
+def test_stand_ins_cover_the_allow_list():
+    """Every exact allow-listed global has a stand-in (or is the same stdlib object)."""
+    for module, name in ALLOWED_GLOBALS:
+        assert dcp_metadata._resolve_standin(module, name) is not None, (module, name)
+
+
+def _python(code: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_default_mode_is_torch_free_without_torch(real_dcp):
+    proc = _python(
+        "import sys\n"
+        "from prime_ckpt.dcp_metadata import read_dcp_metadata\n"
+        "md = read_dcp_metadata(sys.argv[1])\n"
+        "print(type(md).__module__, sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))",
+        str(real_dcp),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["prime_ckpt.dcp_metadata", "[]"]
+
+
+def test_default_mode_retries_with_torch_for_a_dcp_type_without_stand_in(tmp_path, real_dcp):
+    """A DCP dataclass torch mode admits but the torch-free mode does not know (as after a
+    torch upgrade): the default mode reads it with torch, under torch mode's rules."""
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
+
+    md = FileSystemReader(str(real_dcp)).read_metadata()
+    md.planner_data = {"x": WriteItem(index=MetadataIndex("a"), type=WriteItemType.BYTE_IO)}
+    trainer = tmp_path / "trainer"
+    trainer.mkdir()
+    (trainer / ".metadata").write_bytes(pickle.dumps(md))
+    with pytest.raises(UnsafeMetadataError, match=r"WriteItem.*torch-free reader does not know.*nothing was executed"):
+        read_dcp_metadata(trainer, torch_free=True)
+    assert read_dcp_metadata(trainer, torch_free=False).planner_data["x"].type is WriteItemType.BYTE_IO
+    proc = _python(
+        "import sys\n"
+        "from prime_ckpt.dcp_metadata import read_dcp_metadata\n"
+        "md = read_dcp_metadata(sys.argv[1])\n"
+        "print(type(md).__module__, type(md.planner_data['x']).__name__)",
+        str(trainer),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["torch.distributed.checkpoint.metadata", "WriteItem"]
+
+
+def test_safe_loaders_are_dcp_subclasses_defined_on_first_use():
+    proc = _python("import sys, prime_ckpt.dcp_metadata as m; print('torch' in sys.modules)")
+    assert proc.stdout.strip() == "False", proc.stderr
+    from prime_ckpt.dcp_metadata import SafeFileSystemReader, SafeLoadPlanner
+
+    assert issubclass(SafeFileSystemReader, dcp.FileSystemReader) and issubclass(SafeLoadPlanner, dcp.DefaultLoadPlanner)
+    assert dcp_metadata.SafeFileSystemReader is SafeFileSystemReader
+    assert pickle.loads(pickle.dumps(SafeLoadPlanner)) is SafeLoadPlanner
+    with pytest.raises(AttributeError):
+        dcp_metadata.NoSuchThing  # noqa: B018

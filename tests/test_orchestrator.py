@@ -71,6 +71,31 @@ def test_bad_files_are_refused_without_executing(tmp_path):
         load_progress(tmp_path / "missing.pt")
 
 
+def test_torch_free_reader_matches_torch_load(tmp_path):
+    """load_progress reads torch.save's zip without torch: the same value torch.load gives."""
+    from collections import OrderedDict
+
+    from prime_ckpt.orchestrator import _read_plain
+
+    p = OrchestratorProgress(step=5, total_tokens=7, extra={"lr": 0.25, "tags": ["a", 1, None, True], "nested": {"k": [1.5]}})
+    save_progress(tmp_path / "o.pt", p)
+    assert _read_plain(tmp_path / "o.pt") == torch.load(tmp_path / "o.pt", weights_only=True)
+    torch.save(OrderedDict(step=3, total_tokens=4), tmp_path / "od.pt")  # the one global admitted
+    assert _read_plain(tmp_path / "od.pt") == {"step": 3, "total_tokens": 4}
+    assert load_progress(tmp_path / "od.pt") == OrchestratorProgress(step=3, total_tokens=4)
+
+
+def test_record_holding_a_tensor_is_refused(tmp_path):
+    torch.save({"step": torch.tensor(3)}, tmp_path / "t.pt")
+    with pytest.raises(ProgressRecordError, match=r"t\.pt: holds a tensor"):
+        load_progress(tmp_path / "t.pt")
+
+
+def test_legacy_torch_save_format_falls_back_to_torch(tmp_path):
+    torch.save({"step": 4, "total_samples": 2}, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    assert load_progress(tmp_path / "old.pt") == OrchestratorProgress(step=4, total_samples=2)
+
+
 KILLER = textwrap.dedent(
     """
     import os, signal, sys
