@@ -444,13 +444,21 @@ def dcp_writer(trainer_dir: AnyPath | str, storage_options: dict[str, Any] | Non
 def dcp_reader(trainer_dir: AnyPath | str, storage_options: dict[str, Any] | None = None):
     """The DCP ``StorageReader`` for a checkpoint directory; ``.metadata`` is read through the
     restricted unpickler either way (:class:`prime_ckpt.dcp_metadata.SafeFileSystemReader`
-    locally, :func:`_safe_fsspec_reader` remotely)."""
+    locally, :func:`_safe_fsspec_reader` remotely). Locally, tensors are read straight into
+    their target shards (:class:`prime_ckpt.loading.DirectReadMixin`)."""
     path = to_path(trainer_dir, storage_options)
     if not is_remote(path):
-        from prime_ckpt.dcp_metadata import SafeFileSystemReader
-
-        return SafeFileSystemReader(str(path))
+        return _direct_local_reader()(str(path))
     return _safe_fsspec_reader()(str(path), **storage_options_of(path))
+
+
+@functools.cache
+def _direct_local_reader() -> type:
+    """``SafeFileSystemReader`` with the direct read path of :mod:`prime_ckpt.loading`."""
+    from prime_ckpt.dcp_metadata import SafeFileSystemReader
+    from prime_ckpt.loading import DirectReadMixin
+
+    return type("DirectSafeFileSystemReader", (DirectReadMixin, SafeFileSystemReader), {})
 
 
 @functools.cache

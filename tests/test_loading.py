@@ -169,3 +169,17 @@ def test_byte_range_matches_narrow(region):
         assert not torch.equal(flat, torch.arange(first, first + flat.numel()))
         return
     assert raw[start:start + nbytes] == expected.contiguous().numpy().tobytes()
+
+
+def test_checkpointer_reader_takes_the_direct_path_locally(tmp_path):
+    """``storage.dcp_reader`` (what ``Checkpointer.load`` uses) reads local checkpoints directly."""
+    from prime_ckpt.storage import dcp_reader
+
+    sd = {"w": torch.randn(8, 3), "b": torch.randn(3)}
+    dcp.save(sd, storage_writer=FileSystemWriter(tmp_path), no_dist=True)
+    reader = dcp_reader(tmp_path)
+    out = {"w": torch.zeros(8, 3), "b": torch.zeros(3)}
+    dcp.load(out, storage_reader=reader, no_dist=True)
+    assert isinstance(reader, DirectReadMixin)
+    assert (reader.direct_items, reader.fallback_items) == (2, 0)
+    assert torch.equal(out["w"], sd["w"]) and torch.equal(out["b"], sd["b"])
