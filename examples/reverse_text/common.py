@@ -98,3 +98,17 @@ def params_sha256(state_dict: dict[str, torch.Tensor]) -> str:
 def set_deterministic_threads() -> None:
     """One intra-op thread: same thread count in every run, so float sums reduce in one order."""
     torch.set_num_threads(1)
+
+
+def whole_lines() -> None:
+    """Make every ``print`` reach stdout as one ``write`` of the whole line.
+
+    The programs run unbuffered (``PYTHONUNBUFFERED=1``) and share one pipe (the launcher's
+    stdout): unbuffered ``print`` writes the text, the separators and the newline separately,
+    so another process's line could land in the middle of ours. Line buffering in the text
+    layer hands the finished line to the (unbuffered) binary layer in one piece; a pipe write of
+    up to ``PIPE_BUF`` (4096) bytes is atomic.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True, write_through=False)

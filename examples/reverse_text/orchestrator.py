@@ -21,6 +21,7 @@ from pydantic import Field, model_validator
 from examples.reverse_text.common import (
     die_with_parent,
     set_deterministic_threads,
+    whole_lines,
     write_rollouts,
 )
 from examples.reverse_text.model import ModelConfig, TinyLM, generate
@@ -170,4 +171,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    whole_lines()
     main(sys.argv[1:])

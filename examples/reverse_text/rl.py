@@ -279,4 +279,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # whole lines per write, as in common.whole_lines (not imported: it would import torch here)
+    sys.stdout.reconfigure(line_buffering=True, write_through=False)
     sys.exit(main())

@@ -27,6 +27,7 @@ from examples.reverse_text.common import (
     rollouts_path,
     set_deterministic_threads,
     wait_for_file,
+    whole_lines,
 )
 from examples.reverse_text.model import (
     ModelConfig,
@@ -278,8 +279,10 @@ def main(argv: list[str] | None = None) -> None:
             })
     if stopped:
         log(f"trainer: preempted after step {progress.step}", flush=True)
-        if checkpointer is not None and saved_at != progress.step and progress.step > 0:
-            checkpointer.save(progress.step, state)  # waits for any in-flight async save first
+        if checkpointer is not None and progress.step > 0:
+            if saved_at != progress.step:
+                checkpointer.save(progress.step, state)  # waits for any in-flight async save first
+            # (a step that was just saved at its interval is not saved twice)
             log(f"trainer: wrote checkpoint step {progress.step} before exiting", flush=True)
     preempt.close()
     if checkpointer is not None:
@@ -294,4 +297,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":  # required: process-based async saving re-imports this module
+    whole_lines()
     main(sys.argv[1:])
