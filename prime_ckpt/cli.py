@@ -7,23 +7,33 @@ code 2; ``prime-ckpt --debug <command>`` shows the traceback instead. Exit codes
 command: 0 ok, 1 a check failed (``verify`` found a problem, ``diff`` a difference), 2 usage
 error or bad input. Adding a command
 (``list``, ``plan``, ``prune``, ``verify``, ``convert``, ``diff``) means adding one function
-decorated with ``@app.command("name")`` whose body runs inside ``with user_errors():``.
+decorated with ``@app.command("name")`` whose body runs inside ``with user_errors(target=path):``
+and takes its PATH through ``_target(path)``.
 
 The read-only commands (``inspect``, ``list``, ``verify``, ``plan``, ``--help``) never import
 torch: importing it alone takes seconds, longer than the work itself. Modules that need torch
 (``convert``, ``compare``, ``trainer`` ...) are imported inside the commands that use them, and
 their error types are passed to :func:`user_errors` there
 (``tests/test_inspect_torch_free.py`` checks this).
+
+Every PATH may be an fsspec URL (``s3://bucket/run/...``) for ``inspect``, ``list``, ``verify``,
+``manifest``, ``plan`` and ``prune``: :func:`_target` turns it into a UPath carrying the global
+``--storage.options`` (credentials and the endpoint may also come from the environment) and
+checks that it exists. A remote backend's own errors (botocore's, which are not ``OSError``)
+are user errors too (exit 2, one line naming the URL). The options are never printed: every
+error line has their string values masked (:func:`_redact`). ``convert`` and ``diff`` take
+local paths only.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -34,6 +44,7 @@ from prime_ckpt.inspection import InspectError, describe, to_dict
 from prime_ckpt.layout import CheckpointNotFoundError
 from prime_ckpt.manifest import ManifestError, VerifyTargetError
 from prime_ckpt.orchestrator import ProgressRecordError
+from prime_ckpt.storage import is_remote, missing_reason, to_path
 
 #: Exit code when a check (``verify``, ``diff``) found a problem or a difference.
 EXIT_CHECK_FAILED = 1
@@ -62,36 +73,141 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-_state = {"debug": False}
+_state: dict[str, Any] = {"debug": False, "options": {}}
+
+_OPTIONS_FLAG = "--storage.options"
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+
+#: Shown after every PATH argument's help.
+_URL_HELP = " May be a URL (s3://bucket/run/..., any fsspec URL; see --storage.options)."
 
 
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
+    storage_options: Annotated[
+        str | None,
+        typer.Option(
+            _OPTIONS_FLAG, "--storage-options", metavar="JSON",
+            help="fsspec storage options for URL paths, a JSON object (for s3:// e.g. "
+            '\'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\', key, secret). Without it, '
+            "credentials and the endpoint come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+            "AWS_ENDPOINT_URL ...) or ~/.aws. Never printed. Give it before the command.",
+        ),
+    ] = None,
 ) -> None:
-    """Inspect and manage prime-ckpt checkpoints (trainer DCP state, orchestrator progress, weights)."""
+    """Inspect and manage prime-ckpt checkpoints (trainer DCP state, orchestrator progress, weights).
+
+    Paths may be local or fsspec URLs (s3://bucket/run/checkpoints/step_10) for inspect, list,
+    verify, manifest, plan and prune.
+    """
     _state["debug"] = debug
+    _state["options"] = {}
+    if storage_options is not None:
+        _state["options"] = _parse_storage_options(storage_options)
 
 
-def _one_line(exc: BaseException) -> str:
+def _parse_storage_options(text: str) -> dict[str, Any]:
+    """``--storage.options`` validated as :class:`prime_ckpt.config.StorageConfig` validates it;
+    a bad value is one line naming the flag (never echoing the value), exit 2."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        msg = f"not valid JSON ({e.msg}: line {e.lineno} column {e.colno})" if isinstance(e, json.JSONDecodeError) else "not valid JSON"
+        _usage_error(f"{_OPTIONS_FLAG}: {msg}")
+    if not isinstance(value, dict):
+        _usage_error(f"{_OPTIONS_FLAG}: expected a JSON object of fsspec storage options, got a JSON {type(value).__name__}")
+    from pydantic import ValidationError
+
+    from prime_ckpt.config import StorageConfig, format_validation_error
+
+    try:
+        return StorageConfig(options=value).options
+    except ValidationError as e:
+        _usage_error(format_validation_error(e).replace("--options", _OPTIONS_FLAG))
+
+
+def _usage_error(message: str) -> NoReturn:
+    typer.echo(f"error: {_redact(message)}", err=True)
+    raise typer.Exit(EXIT_USER_ERROR)
+
+
+def _secrets(value: Any) -> list[str]:
+    """Every string value inside the storage options (longest first), to be masked in output."""
+    if isinstance(value, dict):
+        return sorted({s for v in value.values() for s in _secrets(v)}, key=len, reverse=True)
+    if isinstance(value, (list, tuple)):
+        return sorted({s for v in value for s in _secrets(v)}, key=len, reverse=True)
+    return [value] if isinstance(value, str) and len(value) >= 4 else []
+
+
+def _redact(text: str) -> str:
+    """``text`` with every string value of ``--storage.options`` replaced by ``**********``."""
+    for secret in _secrets(_state["options"]):
+        text = text.replace(secret, "**********")
+    return text
+
+
+def _backend_errors() -> tuple[type[BaseException], ...]:
+    """Error types of remote storage backends that are not ``OSError`` (botocore's
+    ``NoCredentialsError``, ``EndpointConnectionError``, ``ClientError`` ...), from the modules
+    already imported (none is imported for a local path)."""
+    found: list[type[BaseException]] = []
+    for module, names in (("botocore.exceptions", ("BotoCoreError", "ClientError")), ("aiohttp", ("ClientError",))):
+        mod = sys.modules.get(module)
+        found += [c for c in (getattr(mod, n, None) for n in names) if isinstance(c, type) and issubclass(c, BaseException)]
+    return tuple(found)
+
+
+def _one_line(exc: BaseException, target: Any = None) -> str:
     if isinstance(exc, OSError) and not isinstance(exc, CheckpointNotFoundError) and exc.filename is not None:
         text = f"{exc.filename}: {exc.strerror or type(exc).__name__}"
     else:
         text = str(exc) or type(exc).__name__
-    return " ".join(text.split())
+    text = " ".join(text.split())
+    if target is not None and is_remote(target) and not _URL_RE.match(text):
+        # a remote backend's own message (botocore, s3fs), which does not name the URL
+        text = f"{target}: {type(exc).__name__}: {text}"
+    return text
 
 
 @contextmanager
-def user_errors(*extra: type[BaseException]) -> Iterator[None]:
-    """Turn :data:`USER_ERRORS` (and ``extra``) into ``error: <path>: <what>`` on stderr and
-    exit code 2."""
+def user_errors(*extra: type[BaseException], target: Any = None) -> Iterator[None]:
+    """Turn :data:`USER_ERRORS` (and ``extra``, and a remote backend's errors) into
+    ``error: <path>: <what>`` on stderr and exit code 2. ``target``: the command's PATH, named
+    in a remote backend's messages that do not name it themselves."""
     try:
         yield
-    except USER_ERRORS + extra as e:
+    except USER_ERRORS + extra + _backend_errors() as e:
         if _state["debug"]:
             raise
-        typer.echo(f"error: {_one_line(e)}", err=True)
+        typer.echo(f"error: {_redact(_one_line(e, target))}", err=True)
         raise typer.Exit(EXIT_USER_ERROR) from None
+
+
+def _target(arg: str) -> Any:
+    """A command's PATH as the library takes it. A local path stays the string it was; a URL
+    becomes a UPath carrying ``--storage.options``, checked to exist (``no such bucket`` / ``no
+    such file or directory``). Call inside :func:`user_errors`."""
+    if not is_remote(arg):
+        return arg
+    try:
+        path = to_path(arg, _state["options"])
+        exists = path.exists()
+    except (TypeError, ValueError, AttributeError, KeyError) as e:  # options the file system does not take
+        if _state["debug"]:
+            raise
+        _usage_error(f"{arg}: {_OPTIONS_FLAG} not accepted by the file system ({type(e).__name__}: {' '.join(str(e).split())})")
+    if not exists:
+        raise FileNotFoundError(f"{path}: {missing_reason(path)}")
+    return path
+
+
+def _refuse_remote(command: str, *paths: str) -> None:
+    """Exit 2 with one line if any of ``paths`` is a URL (``command`` reads local paths only)."""
+    for p in paths:
+        if is_remote(p):
+            _usage_error(f"{p}: remote paths are not supported by {command} yet (copy the step to a local directory first)")
 
 
 def _console() -> Console:
@@ -223,7 +339,7 @@ _RENDERERS = {
 
 @app.command("inspect")
 def inspect_cmd(
-    path: Annotated[str, typer.Argument(metavar="PATH", help="Run output dir, checkpoints/ or weights/ dir, step_<N> dir, or trainer/ DCP dir.")],
+    path: Annotated[str, typer.Argument(metavar="PATH", help="Run output dir, checkpoints/ or weights/ dir, step_<N> dir, or trainer/ DCP dir." + _URL_HELP)],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (schema below) instead of tables.")] = False,
     name_filter: Annotated[
         str | None, typer.Option("--filter", metavar="GLOB", help="Only tensors/entries whose name matches GLOB (fnmatch, case-sensitive).")
@@ -261,19 +377,19 @@ def inspect_cmd(
     checkpoint, unreadable or unsafe metadata (one line on stderr: "error: <path>: <what>").
     Does not import torch (.metadata is read into torch-free stand-ins), so it starts fast.
     """
-    with user_errors():
-        result = to_dict(describe(path, name_filter))
+    with user_errors(target=path):
+        result = to_dict(describe(_target(path), name_filter))
     if as_json:
         _print_json(result)
         return
     con = _console()
     _RENDERERS[result["kind"]](result, con)
     for problem in result.get("problems", []):
-        typer.echo(f"warning: {problem}", err=True)
+        typer.echo(f"warning: {_redact(problem)}", err=True)
 
 
 # -- plan / prune ------------------------------------------------------------------------------
-_RunDir = Annotated[str, typer.Argument(metavar="OUTPUT_DIR", help="Run output dir (holds checkpoints/ and weights/).")]
+_RunDir = Annotated[str, typer.Argument(metavar="OUTPUT_DIR", help="Run output dir (holds checkpoints/ and weights/)." + _URL_HELP)]
 _Keep = Annotated[int | None, typer.Option("--keep", min=1, help="Keep the K newest complete checkpoint steps (default: keep all).")]
 _KeepInterval = Annotated[int | None, typer.Option("--keep-interval", min=1, help="Also keep checkpoint steps that are multiples of N.")]
 _AsyncLevel = Annotated[int, typer.Option("--async-level", min=0, help="k: checkpoint step x pins weights [x-k, x] (the seed's rule).")]
@@ -334,8 +450,8 @@ def plan_cmd(
            "reasons": [str], "bytes"}], "bytes_freed": int}
     Exit codes: 0 planned; 2 bad path or option.
     """
-    with user_errors():
-        p, sizes = _plan_and_sizes(output_dir, keep, keep_interval, async_level, current_step, weights_interval, consumer_step)
+    with user_errors(target=output_dir):
+        p, sizes = _plan_and_sizes(_target(output_dir), keep, keep_interval, async_level, current_step, weights_interval, consumer_step)
     if as_json:
         _print_json(_plan_json(p, sizes))
         return
@@ -361,8 +477,8 @@ def prune_cmd(
     """
     from prime_ckpt.retention import apply_plan
 
-    with user_errors():
-        p, sizes = _plan_and_sizes(output_dir, keep, keep_interval, async_level, current_step, weights_interval, consumer_step)
+    with user_errors(target=output_dir):
+        p, sizes = _plan_and_sizes(_target(output_dir), keep, keep_interval, async_level, current_step, weights_interval, consumer_step)
     con = _console()
     _render_plan(p, sizes, con, f"retention plan for {output_dir}")
     if not p.deletes:
@@ -374,7 +490,7 @@ def prune_cmd(
     result = apply_plan(p)
     con.print(f"deleted {len(result.deleted)}, already gone {len(result.already_gone)}, failed {len(result.failed)}")
     for path, err in result.failed:
-        typer.echo(f"error: {path}: {err}", err=True)
+        typer.echo(_redact(f"error: {path}: {err}"), err=True)
     if result.failed:
         raise typer.Exit(1)
 
@@ -432,11 +548,11 @@ def list_cmd(
     from prime_ckpt.inspection import list_run
     from prime_ckpt.retention import RetentionPolicy
 
-    with user_errors():
+    with user_errors(target=output_dir):
         policy = None
         if keep is not None or keep_interval is not None or async_level is not None:
             policy = RetentionPolicy(keep=keep, keep_interval=keep_interval, async_level=async_level or 0)
-        table = list_run(output_dir, policy, current_step).to_dict()
+        table = list_run(_target(output_dir), policy, current_step).to_dict()
     if as_json:
         _print_json(table)
         return
@@ -467,7 +583,7 @@ def list_cmd(
         con.print("not ours (ignored): " + ", ".join(table["ignored"]))
     for r in table["checkpoints"]:
         for problem in r["problems"]:
-            typer.echo(f"warning: {problem}", err=True)
+            typer.echo(f"warning: {_redact(problem)}", err=True)
 
 
 # -- verify / manifest --------------------------------------------------------------------------
@@ -494,7 +610,7 @@ _STATUS_STYLE = {"ok": "[green]ok[/]", "failed": "[red]FAILED[/]", "no manifest"
 
 @app.command("verify")
 def verify_cmd(
-    path: Annotated[str, typer.Argument(metavar="PATH", help="Run output dir (every step), checkpoints/ or weights/ dir, or one step_<N> dir.")],
+    path: Annotated[str, typer.Argument(metavar="PATH", help="Run output dir (every step), checkpoints/ or weights/ dir, or one step_<N> dir." + _URL_HELP)],
     allow_missing_manifest: Annotated[
         bool, typer.Option("--allow-missing-manifest", help="A step without manifest.json passes if its structure is sound (checksums cannot be checked).")
     ] = False,
@@ -530,8 +646,8 @@ def verify_cmd(
         verify_targets,
     )
 
-    with user_errors():
-        targets = verify_targets(path)
+    with user_errors(target=path):
+        targets = verify_targets(_target(path))
         total = sum(manifest_bytes(t) for t in targets)
         with _progress(total, "hashing") as advance:
             reports = [verify_step(t, allow_missing_manifest=allow_missing_manifest, on_bytes=advance) for t in targets]
@@ -558,7 +674,7 @@ def verify_cmd(
 
 @app.command("manifest")
 def manifest_cmd(
-    path: Annotated[str, typer.Argument(metavar="PATH", help="Run output dir, checkpoints/ or weights/ dir, or one step_<N> dir.")],
+    path: Annotated[str, typer.Argument(metavar="PATH", help="Run output dir, checkpoints/ or weights/ dir, or one step_<N> dir." + _URL_HELP)],
     force: Annotated[bool, typer.Option("--force", help="Rewrite existing manifests (accepts the files as they are now, even if they no longer match).")] = False,
 ) -> None:
     """Write manifest.json for steps that lack one (checkpoints saved before manifests existed).
@@ -578,8 +694,8 @@ def manifest_cmd(
 
     con = _console()
     skipped = 0
-    with user_errors():
-        targets = verify_targets(path)
+    with user_errors(target=path):
+        targets = verify_targets(_target(path))
         for t in targets:
             if (t / MANIFEST_FILE).is_file() and not force:
                 con.print(f"exists   {t}")
@@ -639,8 +755,10 @@ def convert_cmd(
     refused.
     JSON: {"schema": "prime-ckpt.convert/1", source, source_kind: "dcp"|"weights"|"torch-save",
            output, format, tensors, bytes, dtype, wrapped_in_app}
+    Local paths only for now (a URL is refused, exit 2).
     Exit codes: 0 written; 2 bad input, bad option or existing output.
     """
+    _refuse_remote("convert", src, out)
     from dataclasses import asdict
 
     from prime_ckpt.convert import ConvertError, dcp_to_torch_save, to_safetensors, torch_save_to_dcp
@@ -696,8 +814,10 @@ def diff_cmd(
        values: [{name, equal (bitwise), max_abs_diff (float, or "inf"/"nan")}] | null,
        non_tensor_values: [{name, equal, a?, b? (reprs when different)}] | null,
        atol, identical: bool}
+    Local paths only for now (a URL is refused, exit 2).
     Exit codes: 0 identical; 1 different; 2 bad path or unreadable/unsafe metadata.
     """
+    _refuse_remote("diff", a, b)
     from prime_ckpt.compare import diff
     from prime_ckpt.convert import ConvertError
 

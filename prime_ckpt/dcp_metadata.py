@@ -40,6 +40,11 @@ imported (nothing is imported on a file's request) and the object is a dataclass
 :class:`enum.Enum` subclass defined there; (torch-free mode) its name is one of the DCP classes
 above. A DCP global the torch-free mode has no stand-in for makes the default mode retry with
 torch, under the torch mode's rules.
+
+**Where from.** :func:`read_dcp_metadata` takes a local path, an fsspec URL (``s3://...``) or a
+UPath carrying storage options (the bytes are read through fsspec; see
+:mod:`prime_ckpt.storage`); :func:`decode_metadata` decodes bytes already read (DCP's remote
+reader uses it).
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prime_ckpt.layout import DCP_METADATA_FILE
+from prime_ckpt.storage import AnyPath, is_remote, to_path
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import Metadata as TorchMetadata
@@ -382,7 +388,7 @@ def _resolve_standin(module: str, name: str) -> Any | None:
 class _RestrictedUnpickler(pickle.Unpickler):
     """Admits only DCP metadata types (see the module docstring); refuses everything else."""
 
-    def __init__(self, file: io.BufferedIOBase, path: Path, torch_free: bool) -> None:
+    def __init__(self, file: io.BufferedIOBase, path: AnyPath | str, torch_free: bool) -> None:
         super().__init__(file)
         self._path = path
         self._resolve = _resolve_standin if torch_free else _resolve_torch
@@ -403,13 +409,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise UnsafeMetadataError(f"{self._path}: refused to load: uses a persistent id; nothing was executed")
 
 
-def metadata_path(trainer_dir: Path | str) -> Path:
-    """``<trainer_dir>/.metadata``; a path that already names a ``.metadata`` file is kept."""
-    path = Path(trainer_dir)
+def metadata_path(trainer_dir: AnyPath | str) -> AnyPath:
+    """``<trainer_dir>/.metadata``; a path that already names a ``.metadata`` file is kept.
+    ``trainer_dir`` may be an fsspec URL or a UPath (see :func:`prime_ckpt.storage.to_path`)."""
+    path = to_path(trainer_dir)
     return path if path.name == DCP_METADATA_FILE and not path.is_dir() else path / DCP_METADATA_FILE
 
 
-def _unpickle(data: bytes, path: Path, torch_free: bool) -> Any:
+def _unpickle(data: bytes, path: AnyPath | str, torch_free: bool) -> Any:
     if not torch_free:
         import torch.distributed.checkpoint  # noqa: F401 - the DCP modules find_class looks up
     try:
@@ -429,12 +436,55 @@ def _unpickle(data: bytes, path: Path, torch_free: bool) -> Any:
     return result
 
 
-def read_dcp_metadata(trainer_dir: Path | str, *, torch_free: bool | None = None) -> Metadata | TorchMetadata:
+def decode_metadata(data: bytes, where: AnyPath | str, *, torch_free: bool | None = None) -> Metadata | TorchMetadata:
+    """DCP metadata from the bytes of a ``.metadata`` file, through the restricted unpickler.
+
+    Args:
+        data: the file's content.
+        where: the file's path or URL (only used in error messages).
+        torch_free: as in :func:`read_dcp_metadata`.
+    Raises:
+        UnsafeMetadataError, MetadataError: as :func:`read_dcp_metadata` (one line, starting
+            with ``where``).
+    """
+    if not data:
+        raise MetadataError(f"{where}: empty file (save did not finish?)")
+    if torch_free is not None:
+        return _unpickle(data, where, torch_free)
+    if "torch" in sys.modules:
+        return _unpickle(data, where, torch_free=False)
+    try:
+        return _unpickle(data, where, torch_free=True)
+    except _NoStandIn:
+        return _unpickle(data, where, torch_free=False)
+
+
+def _read_bytes(path: AnyPath) -> bytes:
+    """The bytes of a ``.metadata`` file, local or remote; ``MetadataError`` (one line) if it
+    cannot be read."""
+    if is_remote(path):
+        try:
+            return path.fs.cat_file(path.path)
+        except FileNotFoundError:
+            raise MetadataError(f"{path}: missing (save did not finish?)") from None
+        except Exception as e:  # OSError or a backend's own type (botocore ...)
+            text = " ".join(str(e).split())
+            raise MetadataError(f"{path}: cannot read ({type(e).__name__}" + (f": {text})" if text else ")")) from None
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise MetadataError(f"{path}: missing (save did not finish?)") from None
+    except OSError as e:
+        raise MetadataError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
+
+
+def read_dcp_metadata(trainer_dir: AnyPath | str, *, torch_free: bool | None = None) -> Metadata | TorchMetadata:
     """Read ``<trainer_dir>/.metadata`` through the restricted unpickler.
 
     Args:
         trainer_dir: a DCP checkpoint directory (``checkpoints/step_<N>/trainer``), or the
-            ``.metadata`` file itself.
+            ``.metadata`` file itself; a local path, an fsspec URL (``s3://...``, read with the
+            environment's credentials) or a UPath carrying storage options.
         torch_free: ``False``: resolve to torch's classes (imports torch). ``True``: resolve to
             this module's stand-ins (never imports torch). ``None`` (default): torch-free unless
             torch is already imported; a DCP class without a stand-in retries with torch.
@@ -447,22 +497,7 @@ def read_dcp_metadata(trainer_dir: Path | str, *, torch_free: bool | None = None
             metadata. Messages are one line and start with the file's path.
     """
     path = metadata_path(trainer_dir)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise MetadataError(f"{path}: missing (save did not finish?)") from None
-    except OSError as e:
-        raise MetadataError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
-    if not data:
-        raise MetadataError(f"{path}: empty file (save did not finish?)")
-    if torch_free is not None:
-        return _unpickle(data, path, torch_free)
-    if "torch" in sys.modules:
-        return _unpickle(data, path, torch_free=False)
-    try:
-        return _unpickle(data, path, torch_free=True)
-    except _NoStandIn:
-        return _unpickle(data, path, torch_free=False)
+    return decode_metadata(_read_bytes(path), path, torch_free=torch_free)
 
 
 # -- loading with torch -------------------------------------------------------------------------

@@ -15,20 +15,26 @@ Tensor tables come from metadata only: DCP's ``.metadata`` (read through
 header. No tensor data is read and nothing is written. Completeness is
 :mod:`prime_ckpt.layout`'s, so nothing incomplete is reported as complete.
 
+Every path may be a local path, an fsspec URL (``s3://bucket/run/checkpoints/step_10``) or a
+UPath carrying storage options (:func:`prime_ckpt.storage.to_path`): every read goes through the
+path API, the inventory scans of :mod:`prime_ckpt.layout` or one uncached directory listing
+(remote), never through local-only calls.
+
 This module does not import torch (nor does anything it calls, unless torch is already
-imported): ``.metadata`` is read into torch-free stand-ins, the safetensors header with
-``framework="numpy"`` and ``orchestrator.pt`` with :func:`prime_ckpt.orchestrator.load_progress`'s
-torch-free reader, so ``prime-ckpt inspect`` / ``list`` start in a fraction of a second. The same
-code works on DCP's own metadata classes, for callers that have torch imported.
+imported): ``.metadata`` is read into torch-free stand-ins, the safetensors header is parsed
+from its JSON (:func:`prime_ckpt.manifest.safetensors_header`) and ``orchestrator.pt`` with
+:func:`prime_ckpt.orchestrator.load_progress`'s torch-free reader, so ``prime-ckpt inspect`` /
+``list`` start in a fraction of a second. The same code works on DCP's own metadata classes, for
+callers that have torch imported.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
+import posixpath
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from prime_ckpt.dcp_metadata import DTYPES, is_bytes_entry, is_tensor_entry, read_dcp_metadata
@@ -50,6 +56,7 @@ from prime_ckpt.layout import (
     weights_complete,
 )
 from prime_ckpt.orchestrator import ProgressRecordError, load_progress
+from prime_ckpt.storage import AnyPath, is_remote, refresh, remote_errors, to_path
 
 #: Version tag of the JSON that :func:`describe` results serialise to (``to_dict()``).
 SCHEMA = "prime-ckpt.inspect/1"
@@ -241,7 +248,26 @@ def _matches(name: str, pattern: str | None) -> bool:
     return pattern is None or fnmatch.fnmatchcase(name, pattern)
 
 
-def _read_json(path: Path, problems: list[str]) -> dict[str, Any] | None:
+def _remote_entries(directory: AnyPath) -> dict[str, int | None]:
+    """The direct children of a remote directory from one uncached listing: name -> size of a
+    file, ``None`` for a subdirectory (``{}`` if nothing is there)."""
+    refresh(directory)
+    base = directory.path.rstrip("/")
+    with remote_errors(directory):
+        try:
+            found = directory.fs.ls(base, detail=True)
+        except FileNotFoundError:
+            return {}
+    out: dict[str, int | None] = {}
+    for info in found:
+        name = str(info.get("name", "")).rstrip("/")
+        if name == base or not name.startswith(base + "/"):
+            continue
+        out[posixpath.basename(name)] = None if info.get("type") == "directory" else int(info.get("size") or 0)
+    return out
+
+
+def _read_json(path: AnyPath, problems: list[str]) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
@@ -256,17 +282,18 @@ def _read_json(path: Path, problems: list[str]) -> dict[str, Any] | None:
 
 
 # -- trainer (DCP) --------------------------------------------------------------------------
-def describe_trainer_part(trainer_dir: Path | str, name_filter: str | None = None) -> TrainerPartInfo:
+def describe_trainer_part(trainer_dir: AnyPath | str, name_filter: str | None = None) -> TrainerPartInfo:
     """Tensor table of a DCP directory from its ``.metadata`` alone.
 
     Returns ``complete=False`` and no table when ``.metadata`` is absent (save not finished).
     Raises :class:`prime_ckpt.dcp_metadata.MetadataError` (or its ``UnsafeMetadataError``) when
     ``.metadata`` exists but cannot be read safely.
     """
-    trainer_dir = Path(trainer_dir)
+    trainer_dir = to_path(trainer_dir)
     if not trainer_part_complete(trainer_dir):
         return TrainerPartInfo(path=str(trainer_dir), complete=False)
     md = read_dcp_metadata(trainer_dir)
+    listed = _remote_entries(trainer_dir) if is_remote(trainer_dir) else {}
     storage = md.storage_data if isinstance(md.storage_data, dict) else {}
     # non-tensor entries are stored under MetadataIndex(fqn) (offset None); other keys are chunks
     bytes_info = {k.fqn: v for k, v in storage.items() if getattr(k, "offset", 0) is None and isinstance(getattr(k, "fqn", None), str)}
@@ -277,10 +304,12 @@ def describe_trainer_part(trainer_dir: Path | str, name_filter: str | None = Non
         if not isinstance(rel, str) or rel in files:
             continue
         m = _DISTCP_RE.match(rel)
-        try:
-            size: int | None = (trainer_dir / rel).stat().st_size
-        except OSError:
-            size = None
+        size: int | None = listed.get(rel)
+        if size is None:  # local, or not in the remote listing (missing, or below a subdirectory)
+            try:
+                size = (trainer_dir / rel).stat().st_size
+            except OSError:
+                size = None
         files[rel] = StorageFile(name=rel, rank=int(m.group(1)) if m else None, exists=size is not None, size=size)
     ranks = {f.rank for f in files.values() if f.rank is not None}
 
@@ -324,14 +353,14 @@ def _storage_problems(trainer: TrainerPartInfo) -> list[str]:
     ]
 
 
-def describe_checkpoint_step(step_dir: Path | str, name_filter: str | None = None) -> CheckpointStepInfo:
+def describe_checkpoint_step(step_dir: AnyPath | str, name_filter: str | None = None) -> CheckpointStepInfo:
     """One ``checkpoints/step_<N>``: parts, progress record, save record, tensor table.
 
     Raises:
         InspectError: the directory has no ``trainer/`` part.
         MetadataError: ``trainer/.metadata`` exists but cannot be read safely.
     """
-    step_dir = Path(step_dir)
+    step_dir = to_path(step_dir)
     trainer_dir = step_dir / TRAINER_PART
     orch_path = step_dir / ORCHESTRATOR_FILE
     if not trainer_dir.is_dir():
@@ -369,38 +398,28 @@ def describe_checkpoint_step(step_dir: Path | str, name_filter: str | None = Non
 
 
 # -- weights --------------------------------------------------------------------------------
-def describe_weights_step(step_dir: Path | str, name_filter: str | None = None) -> WeightsStepInfo:
+def describe_weights_step(step_dir: AnyPath | str, name_filter: str | None = None) -> WeightsStepInfo:
     """One ``weights/step_<N>``: files, ``config.json``, marker, tensors from the safetensors
-    header (no tensor data is read; ``framework="numpy"`` so that torch is not imported)."""
-    from safetensors import safe_open
-
-    step_dir = Path(step_dir)
+    header (only the header is read, never tensor data; torch is not imported)."""
+    step_dir = to_path(step_dir)
     problems: list[str] = []
-    files = []
-    for entry in sorted(step_dir.iterdir(), key=lambda e: e.name):
-        if not entry.is_symlink() and entry.is_file():
-            files.append({"name": entry.name, "size": entry.stat().st_size})
+    if is_remote(step_dir):
+        files = [{"name": n, "size": size} for n, size in sorted(_remote_entries(step_dir).items()) if size is not None]
+    else:
+        files = [
+            {"name": entry.name, "size": entry.stat().st_size}
+            for entry in sorted(step_dir.iterdir(), key=lambda e: e.name)
+            if not entry.is_symlink() and entry.is_file()
+        ]
     complete = weights_complete(step_dir)
     if not complete:
         problems.append(f"{step_dir}: no {WEIGHTS_MARKER} marker (weights not finished?)")
     tensors: list[TensorEntry] | None = None
     model = step_dir / MODEL_FILE
-    if model.is_file():
-        try:
-            tensors = []
-            with safe_open(str(model), framework="numpy") as f:
-                for name in f.keys():  # noqa: SIM118 - safe_open is not iterable
-                    if not _matches(name, name_filter):
-                        continue
-                    sl = f.get_slice(name)
-                    shape = [int(s) for s in sl.get_shape()]
-                    st_dtype = sl.get_dtype()
-                    dtype = DTYPES.get(SAFETENSORS_DTYPES.get(st_dtype, ""))
-                    nbytes = _numel(shape) * dtype.itemsize if dtype is not None else 0
-                    tensors.append(TensorEntry(name, shape, dtype_name(dtype) if dtype else st_dtype, nbytes))
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own types for bad headers
-            tensors = None
-            problems.append(f"{model}: unreadable safetensors header ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    sizes = {f["name"]: f["size"] for f in files}
+    has_model = (MODEL_FILE in sizes) if is_remote(step_dir) else model.is_file()
+    if has_model:
+        tensors = _safetensors_tensors(model, sizes.get(MODEL_FILE), name_filter, problems)
     elif complete:
         problems.append(f"{model}: missing")
     return WeightsStepInfo(
@@ -417,19 +436,57 @@ def describe_weights_step(step_dir: Path | str, name_filter: str | None = None) 
     )
 
 
+def _safetensors_tensors(
+    model: AnyPath, size: int | None, name_filter: str | None, problems: list[str]
+) -> list[TensorEntry] | None:
+    """The tensor table of a safetensors file from its header (sorted by name), or ``None``
+    with a problem recorded when the header cannot be read. ``size`` (the file's, if known) is
+    checked against the size the header declares."""
+    from prime_ckpt.manifest import safetensors_header
+
+    try:
+        header, expected = safetensors_header(model)
+    except ValueError as e:  # one line, names the file
+        problems.append(str(e))
+        return None
+    except OSError as e:
+        problems.append(f"{model}: cannot read ({e.strerror or type(e).__name__})")
+        return None
+    if size is not None and size != expected:
+        problems.append(f"{model}: size {size} != {expected} declared by its header (truncated?)")
+    tensors = []
+    try:
+        for name in sorted(k for k in header if k != "__metadata__"):
+            if not _matches(name, name_filter):
+                continue
+            shape = [int(s) for s in header[name]["shape"]]
+            st_dtype = str(header[name]["dtype"])
+            dtype = DTYPES.get(SAFETENSORS_DTYPES.get(st_dtype, ""))
+            nbytes = _numel(shape) * dtype.itemsize if dtype is not None else 0
+            tensors.append(TensorEntry(name, shape, dtype_name(dtype) if dtype else st_dtype, nbytes))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        problems.append(f"{model}: unreadable safetensors header ({type(e).__name__}: {' '.join(str(e).split())})")
+        return None
+    return tensors
+
+
 # -- listings -------------------------------------------------------------------------------
-def _ignored(root: Path) -> list[str]:
+def _ignored(root: AnyPath) -> list[str]:
+    """``<root name>/<entry>`` for every entry of ``root`` that is not a ``step_<int>`` directory."""
+    if is_remote(root):
+        entries = _remote_entries(root)
+        return sorted(f"{root.name}/{n}" for n, size in entries.items() if parse_step(n) is None or size is not None)
     if not root.is_dir():
         return []
     return sorted(f"{root.name}/{e.name}" for e in root.iterdir() if parse_step(e.name) is None or not e.is_dir())
 
 
-def _run_parts(output_dir: Path) -> tuple[str, ...]:
+def _run_parts(output_dir: AnyPath) -> tuple[str, ...]:
     """The parts this run writes (a trainer-only run has no orchestrator records)."""
     return detect_parts(scan_checkpoints(output_dir))
 
 
-def _listing(kind: str, path: Path, output_dir: Path, checkpoints: bool, weights: bool) -> RunListing:
+def _listing(kind: str, path: AnyPath, output_dir: AnyPath, checkpoints: bool, weights: bool) -> RunListing:
     scanned = scan_checkpoints(output_dir) if checkpoints else []
     parts = detect_parts(scanned)
     steps = [
@@ -452,12 +509,13 @@ def _listing(kind: str, path: Path, output_dir: Path, checkpoints: bool, weights
 
 
 # -- entry point ----------------------------------------------------------------------------
-def describe(path: Path | str, name_filter: str | None = None) -> Description:
+def describe(path: AnyPath | str, name_filter: str | None = None) -> Description:
     """Identify what ``path`` is and describe it (read-only; reads metadata, never tensor data).
 
     Args:
         path: a run output dir, ``checkpoints/``, ``weights/``, ``checkpoints/step_<N>``,
-            ``checkpoints/step_<N>/trainer`` (or any DCP dir) or ``weights/step_<N>``.
+            ``checkpoints/step_<N>/trainer`` (or any DCP dir) or ``weights/step_<N>``; local,
+            an fsspec URL or a UPath carrying storage options.
         name_filter: a glob (``fnmatch``, case-sensitive) on tensor/entry names; only matching
             entries are listed and totalled. Ignored for listings.
     Raises:
@@ -465,7 +523,7 @@ def describe(path: Path | str, name_filter: str | None = None) -> Description:
         MetadataError: a DCP ``.metadata`` exists but cannot be read safely (its subclass
             ``UnsafeMetadataError`` when it references a global DCP metadata never needs).
     """
-    path = Path(path)
+    path = to_path(path)
     if not path.exists():
         raise InspectError(f"{path}: no such file or directory")
     if not path.is_dir():
@@ -554,11 +612,12 @@ class RunTable:
         return {"schema": LIST_SCHEMA, **asdict(self)}
 
 
-def list_run(output_dir: Path | str, policy: Any = None, current_step: int | None = None) -> RunTable:
+def list_run(output_dir: AnyPath | str, policy: Any = None, current_step: int | None = None) -> RunTable:
     """One row per checkpoint step and per weights step of a run (read-only, no tensor data).
 
     Args:
-        output_dir: the run output dir (a ``checkpoints/`` or ``weights/`` dir means its parent).
+        output_dir: the run output dir (a ``checkpoints/`` or ``weights/`` dir means its parent);
+            local, an fsspec URL or a UPath carrying storage options.
         policy: a :class:`prime_ckpt.retention.RetentionPolicy`; when given, every row carries
             the plan's keep/delete decision and its reasons (``retention``), else ``None``.
         current_step: passed to the planner (default: the highest step on disk).
@@ -568,7 +627,7 @@ def list_run(output_dir: Path | str, policy: Any = None, current_step: int | Non
     from prime_ckpt.manifest import MANIFEST_FILE
     from prime_ckpt.storage import tree_size
 
-    path = Path(output_dir)
+    path = to_path(output_dir)
     if not path.exists():
         raise InspectError(f"{path}: no such file or directory")
     if not path.is_dir():

@@ -161,6 +161,18 @@ def remote_errors(path: AnyPath) -> Iterator[None]:
         raise OSError(f"{path}: {_one_line(e)}") from e
 
 
+def missing_reason(path: AnyPath) -> str:
+    """Why a path that does not exist is missing, for an error message: ``"no such bucket"``
+    when ``path`` is on a bucket store (s3, gcs, azure) whose bucket does not exist (or is not
+    visible with these credentials), else ``"no such file or directory"``."""
+    if is_remote(path) and hasattr(path.fs, "split_path"):
+        bucket = path.path.split("/", 1)[0]
+        with remote_errors(path):
+            if bucket and not path.fs.exists(bucket):
+                return f"no such bucket {bucket!r} (or no access to it)"
+    return "no such file or directory"
+
+
 def list_tree(root: AnyPath) -> dict[str, str]:
     """Everything under a remote ``root`` in one listing: ``{relative posix path: "file" |
     "directory"}`` (directories inferred from the keys; ``root`` itself left out). ``{}`` if
@@ -498,50 +510,20 @@ def _raise_metadata_error(message: str) -> NoReturn:
 
 def decode_dcp_metadata(data: bytes | None, where: str) -> Metadata:
     """DCP metadata (torch's classes, what ``dcp.load`` needs) from the bytes of a ``.metadata``
-    file (``None``: the file is missing), through :mod:`prime_ckpt.dcp_metadata`'s restricted
-    unpickler, with the same one-line errors as
-    :func:`prime_ckpt.dcp_metadata.read_dcp_metadata` (which reads local files only)."""
-    from prime_ckpt import dcp_metadata
+    file (``None``: the file is missing), through
+    :func:`prime_ckpt.dcp_metadata.decode_metadata` (the restricted unpickler), with the same
+    one-line errors as :func:`prime_ckpt.dcp_metadata.read_dcp_metadata`."""
+    from prime_ckpt.dcp_metadata import decode_metadata
 
     if data is None:
         _raise_metadata_error(f"{where}: missing (save did not finish?)")
-    if not data:
-        _raise_metadata_error(f"{where}: empty file (save did not finish?)")
-    unpickle = getattr(dcp_metadata, "_unpickle", None)
-    if unpickle is not None:
-        return unpickle(data, where, torch_free=False)
-    # A dcp_metadata without the bytes-level helper: the same steps, spelled out.
-    from torch.distributed.checkpoint.metadata import Metadata as TorchMetadata
-
-    try:
-        result = dcp_metadata._RestrictedUnpickler(io.BytesIO(data), where).load()
-    except dcp_metadata.MetadataError:
-        raise
-    except Exception as e:  # truncated / corrupt / not a pickle: pickle raises many types
-        detail = str(e).splitlines()[0] if str(e) else ""
-        _raise_metadata_error(
-            f"{where}: not readable DCP metadata (truncated or not a pickle: {type(e).__name__}"
-            + (f": {detail}" if detail else "")
-            + ")"
-        )
-    if not isinstance(result, TorchMetadata) or not isinstance(getattr(result, "state_dict_metadata", None), dict):
-        _raise_metadata_error(f"{where}: not DCP metadata (holds a {type(result).__name__})")
-    return result
+    return decode_metadata(data, where, torch_free=False)
 
 
 def read_trainer_metadata(trainer_dir: AnyPath | str) -> Metadata:
     """:func:`prime_ckpt.dcp_metadata.read_dcp_metadata` for a local or remote DCP directory
-    (or its ``.metadata`` file). Raises ``MetadataError`` (one line, names the file)."""
-    path = to_path(trainer_dir)
-    if not is_remote(path):
-        from prime_ckpt.dcp_metadata import read_dcp_metadata
+    (or its ``.metadata`` file): torch's classes when torch is imported, else the torch-free
+    stand-ins. Raises ``MetadataError`` (one line, names the file)."""
+    from prime_ckpt.dcp_metadata import read_dcp_metadata
 
-        return read_dcp_metadata(path)
-    meta = path if path.name == _METADATA_FILE else path / _METADATA_FILE
-    try:
-        data = meta.fs.cat_file(meta.path)
-    except FileNotFoundError:
-        data = None
-    except Exception as e:
-        _raise_metadata_error(f"{meta}: cannot read ({_one_line(e)})")
-    return decode_dcp_metadata(data, str(meta))
+    return read_dcp_metadata(to_path(trainer_dir))
