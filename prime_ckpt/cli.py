@@ -52,9 +52,14 @@ EXIT_CHECK_FAILED = 1
 #: Exit code for a bad path or an unreadable/unsafe file (same as click's usage errors).
 EXIT_USER_ERROR = 2
 
+class AsyncLevelError(ValueError):
+    """``--async-level`` was not given and the run did not record one, but it has weights."""
+
+
 #: Exceptions that mean "the path or file the user gave is wrong", not a bug (commands that import
 #: a torch module add its errors: ``user_errors(ConvertError)``).
 USER_ERRORS: tuple[type[BaseException], ...] = (
+    AsyncLevelError,
     InspectError,
     MetadataError,
     ProgressRecordError,
@@ -392,7 +397,14 @@ def inspect_cmd(
 _RunDir = Annotated[str, typer.Argument(metavar="OUTPUT_DIR", help="Run output dir (holds checkpoints/ and weights/)." + _URL_HELP)]
 _Keep = Annotated[int | None, typer.Option("--keep", min=1, help="Keep the K newest complete checkpoint steps (default: keep all).")]
 _KeepInterval = Annotated[int | None, typer.Option("--keep-interval", min=1, help="Also keep checkpoint steps that are multiples of N.")]
-_AsyncLevel = Annotated[int, typer.Option("--async-level", min=0, help="k: checkpoint step x pins weights [x-k, x] (the seed's rule).")]
+_AsyncLevel = Annotated[
+    int | None,
+    typer.Option(
+        "--async-level", min=0,
+        help="k: checkpoint step x pins weights [x-k, x] (the seed's rule). Default: the async level the run "
+        "recorded in save_info.json; if the run recorded none and has weights, it must be given.",
+    ),
+]
 _CurrentStep = Annotated[
     int | None,
     typer.Option("--current-step", min=0, help="The trainer's current step; higher steps belong to another run and are kept (default: the highest step on disk)."),
@@ -401,9 +413,38 @@ _WeightsInterval = Annotated[int | None, typer.Option("--weights-interval", min=
 _ConsumerStep = Annotated[int | None, typer.Option("--consumer-step", min=0, help="Last weights step the inference side acknowledged; steps >= it are kept.")]
 
 
+def _resolve_async_level(output_dir, given: int | None) -> int:
+    """The async level to plan with: ``given``, else the run's recorded one (save_info.json).
+
+    Raises:
+        AsyncLevelError: neither, and the run has weights steps: with a default of 0 a plan
+            would delete weights ``[x - k, x - 1]`` that resuming at a kept step x needs.
+    """
+    from prime_ckpt.layout import recorded_async_level, scan_weights
+
+    recorded = recorded_async_level(output_dir)
+    if given is None:
+        if recorded is not None:
+            return recorded
+        if scan_weights(output_dir):
+            raise AsyncLevelError(
+                f"--async-level: not given, and {output_dir} records none (no save_info.json with it); "
+                "give the run's async level k (resuming at checkpoint step x needs weights [x-k, x])"
+            )
+        return 0
+    if recorded is not None and given < recorded:
+        typer.echo(
+            f"warning: --async-level {given} is below the async level {recorded} this run recorded: "
+            f"resuming at a kept step x needs weights [x-{recorded}, x], and this plan may delete some of them",
+            err=True,
+        )
+    return given
+
+
 def _plan_and_sizes(output_dir, keep, keep_interval, async_level, current_step, weights_interval, consumer_step):
     from prime_ckpt.retention import RetentionPolicy, plan_output_dir, plan_sizes
 
+    async_level = _resolve_async_level(output_dir, async_level)
     policy = RetentionPolicy(
         keep=keep, keep_interval=keep_interval, async_level=async_level,
         weights_interval=weights_interval, consumer_step=consumer_step,
@@ -436,7 +477,7 @@ def plan_cmd(
     output_dir: _RunDir,
     keep: _Keep = None,
     keep_interval: _KeepInterval = None,
-    async_level: _AsyncLevel = 0,
+    async_level: _AsyncLevel = None,
     current_step: _CurrentStep = None,
     weights_interval: _WeightsInterval = None,
     consumer_step: _ConsumerStep = None,
@@ -463,7 +504,7 @@ def prune_cmd(
     output_dir: _RunDir,
     keep: _Keep = None,
     keep_interval: _KeepInterval = None,
-    async_level: _AsyncLevel = 0,
+    async_level: _AsyncLevel = None,
     current_step: _CurrentStep = None,
     weights_interval: _WeightsInterval = None,
     consumer_step: _ConsumerStep = None,
@@ -549,10 +590,11 @@ def list_cmd(
     from prime_ckpt.retention import RetentionPolicy
 
     with user_errors(target=output_dir):
+        target = _target(output_dir)
         policy = None
         if keep is not None or keep_interval is not None or async_level is not None:
-            policy = RetentionPolicy(keep=keep, keep_interval=keep_interval, async_level=async_level or 0)
-        table = list_run(_target(output_dir), policy, current_step).to_dict()
+            policy = RetentionPolicy(keep=keep, keep_interval=keep_interval, async_level=_resolve_async_level(target, async_level))
+        table = list_run(target, policy, current_step).to_dict()
     if as_json:
         _print_json(table)
         return

@@ -242,6 +242,24 @@ def _scan_weights_remote(weights_dir: AnyPath) -> list[WeightsStep]:
     ]
 
 
+def recorded_async_level(output_dir: AnyPath | str) -> int | None:
+    """The async level k the run recorded (``save_info.json`` of its newest step that has one,
+    written by the trainer's ``Checkpointer``), or ``None`` if no step records it. k is the
+    seed's rule: resuming at checkpoint step x needs weights ``[x - k, x]``. Unreadable records
+    are skipped."""
+    import json
+
+    for c in reversed(scan_checkpoints(output_dir)):
+        try:
+            info = json.loads((c.path / SAVE_INFO_FILE).read_bytes())
+        except (OSError, ValueError):
+            continue
+        level = info.get("async_level") if isinstance(info, dict) else None
+        if isinstance(level, int) and not isinstance(level, bool) and level >= 0:
+            return level
+    return None
+
+
 def latest_complete_step(output_dir: AnyPath | str, parts: tuple[str, ...] = RUN_PARTS) -> int | None:
     """The highest step whose every part in ``parts`` is complete, or ``None``."""
     complete = [c.step for c in scan_checkpoints(output_dir) if c.complete(parts)]

@@ -292,6 +292,9 @@ class SaveRecord:
         total_bytes: bytes of the committed trainer directory on disk, all ranks (bytes; set
             by rank 0 after the commit, 0 before).
         world_size: ranks that took part.
+        async_level: the run's async level k (checkpoint step x needs weights ``[x - k, x]``), as
+            given to the :class:`Checkpointer`; recorded so that ``prime-ckpt plan/prune`` apply
+            the run's own rule instead of a default.
         error: the error text if the save failed.
     """
 
@@ -305,6 +308,7 @@ class SaveRecord:
     bytes: int = 0
     total_bytes: int = 0
     world_size: int = 1
+    async_level: int = 0
     error: str | None = None
     started_at: float = field(default_factory=time.time)
 
@@ -362,6 +366,8 @@ class Checkpointer:
         self.layout = RunLayout(to_path(output_dir, storage_options))
         self.config = config
         self.parts = parts
+        #: k of the seed's rule (checkpoint step x needs weights [x - k, x]); recorded in save_info.json
+        self.async_level = async_level
         #: the retention policy applied after each committed save (None: ``--ckpt.keep`` unset,
         #: nothing is ever deleted, as in the seed)
         self.retention: RetentionPolicy | None = None
@@ -491,7 +497,8 @@ class Checkpointer:
             # re-created again by rank 0's own planning step).
             logger.warning("%s exists (stale or earlier save); replacing it", trainer_dir)
             remove_tree(trainer_dir)
-        record = SaveRecord(step=step, mode="async" if self.config.save_async else "sync", world_size=_world_size())
+        record = SaveRecord(step=step, mode="async" if self.config.save_async else "sync", world_size=_world_size(),
+                            async_level=self.async_level)
         record.wait_previous_s = wait_prev
         sd = {APP_KEY: state.state_dict()}
         record.bytes = local_tensor_bytes(sd)  # no collective on the blocking path

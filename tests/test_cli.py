@@ -125,7 +125,7 @@ def test_inspect_two_rank_fsdp_step(two_rank):
     d = _inspect_json(str(two_rank / "checkpoints" / "step_3"))
     assert d["step"] == 3 and d["complete"] is True and d["parts"] == {"trainer": True, "orchestrator": True}
     assert d["orchestrator"]["total_tokens"] == 300 and d["orchestrator"]["total_samples"] == 12
-    assert d["save_info"]["world_size"] == 2
+    assert d["save_info"]["world_size"] == 2 and d["save_info"]["async_level"] == 1  # recorded for plan/prune
     tr = d["trainer"]
     assert tr["world_size"] == 2
     assert sorted((f["name"], f["rank"]) for f in tr["storage_files"]) == [("__0_0.distcp", 0), ("__1_0.distcp", 1)]

@@ -86,3 +86,40 @@ def test_bad_input(tmp_path):
     r = runner.invoke(app, ["prune", str(tmp_path), "--async-level", "-1", "--yes"])
     assert r.exit_code == 2 and "--async-level" in r.output
     assert (tmp_path / "checkpoints" / "step_1").is_dir()
+
+
+def _record_async_level(root, step, level):
+    (root / "checkpoints" / f"step_{step}" / "save_info.json").write_text(json.dumps({"step": step, "async_level": level}))
+
+
+def test_async_level_must_be_given_when_the_run_records_none_and_has_weights(tmp_path):
+    """A default of 0 would delete weights [x-k, x-1] that resuming at a kept step x needs."""
+    make_run(tmp_path, [5, 10], range(3, 11))
+    before = tree(tmp_path)
+    for cmd in (["plan"], ["prune", "--yes"], ["list", "--keep", "1"]):
+        r = runner.invoke(app, [*cmd, str(tmp_path), "--keep", "1"] if cmd[0] != "list" else [*cmd, str(tmp_path)])
+        assert r.exit_code == 2, (cmd, r.output)
+        [line] = r.stderr.strip().splitlines()
+        assert line.startswith("error: --async-level: not given") and "[x-k, x]" in line, line
+    assert tree(tmp_path) == before
+
+
+def test_recorded_async_level_is_the_default(tmp_path):
+    """The Checkpointer records its async level in save_info.json; a bare prune applies it."""
+    make_run(tmp_path, [5, 10], range(3, 11))
+    _record_async_level(tmp_path, 5, 1)
+    _record_async_level(tmp_path, 10, 2)  # the newest record wins
+    r = runner.invoke(app, ["prune", str(tmp_path), "--keep", "1", "--yes"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == ["step_10", "step_8", "step_9"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_10"]
+
+
+def test_async_level_below_the_recorded_one_warns(tmp_path):
+    make_run(tmp_path, [10], range(8, 11))
+    _record_async_level(tmp_path, 10, 2)
+    r = runner.invoke(app, ["plan", str(tmp_path), "--keep", "1", "--async-level", "0", "--json"])
+    assert r.exit_code == 0, r.output
+    assert "warning: --async-level 0 is below the async level 2 this run recorded" in r.stderr
+    got = {(e["kind"], e["step"]): e["action"] for e in json.loads(r.stdout)["entries"]}
+    assert got[("weights", 8)] == got[("weights", 9)] == "delete"  # as asked, but warned

@@ -37,7 +37,7 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
     progress = Progress()
-    ckpt = Checkpointer(out, CheckpointConfig(interval=3))
+    ckpt = Checkpointer(out, CheckpointConfig(interval=3), async_level=1)
     for step in range(1, 7):
         model(torch.randn(4, 7)).sum().backward()
         opt.step()
