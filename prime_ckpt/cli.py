@@ -855,9 +855,11 @@ def diff_cmd(
        same_layout: int (same name, shape, dtype), non_tensors_added / _removed: [name],
        values: [{name, equal (bitwise), max_abs_diff (float, or "inf"/"nan")}] | null,
        non_tensor_values: [{name, equal, a?, b? (reprs when different)}] | null,
-       atol, identical: bool}
+       atol, values_compared: bool,
+       identical: bool (without --values: the layout only, values_compared false)}
     Local paths only for now (a URL is refused, exit 2).
-    Exit codes: 0 identical; 1 different; 2 bad path or unreadable/unsafe metadata.
+    Exit codes: 0 identical (without --values: same layout; values not compared); 1 different;
+    2 bad path or unreadable/unsafe metadata.
     """
     _refuse_remote("diff", a, b)
     from prime_ckpt.compare import diff
@@ -912,7 +914,13 @@ def diff_cmd(
         summary = (
             f"{len(d['added'])} added, {len(d['removed'])} removed, {len(d['changed'])} changed, {d['same_layout']} same layout"
         )
-        con.print(("identical: " if result.identical else "different: ") + summary)
+        if not result.identical:
+            verdict = "different: "
+        elif values:
+            verdict = "identical: "
+        else:  # only names, shapes and dtypes were compared
+            verdict = "same layout (values not compared; --values compares them): "
+        con.print(verdict + summary)
     if not result.identical:
         raise typer.Exit(EXIT_CHECK_FAILED)
 

@@ -75,7 +75,7 @@ class DiffResult:
         if d["values"] is not None:
             for v in d["values"]:
                 v["max_abs_diff"] = _json_float(v["max_abs_diff"])
-        return {"schema": SCHEMA, **d, "identical": self.identical}
+        return {"schema": SCHEMA, **d, "values_compared": self.values is not None, "identical": self.identical}
 
 
 def _json_float(x: float) -> float | str:

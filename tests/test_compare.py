@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -75,3 +76,21 @@ def test_max_abs_diff_nan_and_inf():
     assert max_abs_diff(torch.tensor([inf, 1.0]), torch.tensor([inf, 1.25])) == (False, 0.25)
     assert max_abs_diff(torch.tensor(3), torch.tensor(5)) == (False, 2.0)
     assert max_abs_diff(torch.tensor([0.0]), torch.tensor([-0.0])) == (False, 0.0)  # bitwise differs
+
+
+def test_cli_without_values_says_same_layout_not_identical(run_ranks, tmp_path_factory):
+    """Two different steps of one run have the same layout; without --values the CLI must not
+    call them identical (a fresh-user trial read 'identical' as 'same values')."""
+    from typer.testing import CliRunner
+
+    from prime_ckpt.cli import app
+
+    run, _ = two_rank_run(run_ranks, tmp_path_factory)
+    a, b = str(run / "checkpoints" / "step_2"), str(run / "checkpoints" / "step_4")
+    r = CliRunner().invoke(app, ["diff", a, b])
+    assert r.exit_code == 0 and "same layout (values not compared" in r.stdout and "identical" not in r.stdout
+    r = CliRunner().invoke(app, ["diff", a, b, "--json"])
+    d = json.loads(r.stdout)
+    assert d["values_compared"] is False and d["identical"] is True
+    r = CliRunner().invoke(app, ["diff", a, b, "--values"])
+    assert r.exit_code == 1 and "different: " in r.stdout
