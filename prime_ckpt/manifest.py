@@ -306,6 +306,11 @@ def verify_manifest(step_dir: AnyPath | str, on_bytes: OnBytes | None = None) ->
         report.status = "no manifest"
         return report
     report.manifest = True
+    if report.step is not None and m.get("step") is not None and m["step"] != report.step:
+        # e.g. `cp -a step_45 step_60`: every file matches its checksum, but the step is not 60
+        report.problems.append(
+            f"{step_dir / MANIFEST_FILE}: records step {m['step']}, but the directory is {step_dir.name} (copied or renamed?)"
+        )
     listed = {f["path"]: f for f in m["files"]}
     for rel, entry in listed.items():
         p = step_dir / rel

@@ -144,3 +144,13 @@ def test_verify_reads_and_writes_nothing_else(one):
     before = snapshot(one)
     verify_path(one)
     assert snapshot(one) == before
+
+
+def test_verify_reports_a_step_copied_under_another_name(tmp_path, one):
+    """`cp -a step_4 step_60`: every checksum matches, but the manifest says step 4."""
+    run = copy_run(one, tmp_path / "run")
+    copied = copy_run(run / "checkpoints" / "step_4", run / "checkpoints" / "step_60")
+    r = verify_step(copied)
+    assert r.status == "failed"
+    assert r.problems == [f"{copied / MANIFEST_FILE}: records step 4, but the directory is step_60 (copied or renamed?)"]
+    assert verify_step(run / "checkpoints" / "step_4").ok
