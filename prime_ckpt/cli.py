@@ -378,8 +378,9 @@ def inspect_cmd(
       step, complete (COMPLETE marker), files: [{name, size}], config: config.json | null,
       tensors: [{name, shape, dtype, bytes, chunks: 1, sharded: false}] | null, total_bytes, filter
 
-    Exit codes: 0 shown (incomplete steps are shown as INCOMPLETE); 2 missing path, not a
-    checkpoint, unreadable or unsafe metadata (one line on stderr: "error: <path>: <what>").
+    Exit codes: 0 shown (a step whose trainer/ has no .metadata yet is shown as INCOMPLETE);
+    2 missing path, not a checkpoint (a step dir without trainer/ at all: `list` shows it as an
+    incomplete step), unreadable or unsafe metadata (one line on stderr: "error: <path>: <what>").
     Does not import torch (.metadata is read into torch-free stand-ins), so it starts fast.
     """
     with user_errors(target=path):
