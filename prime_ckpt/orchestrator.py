@@ -128,6 +128,12 @@ def _read_plain(path: AnyPath) -> Any:
                     raise _NeedsTorch(f"{len(pickles)} data.pkl entries")
                 data = zf.read(pickles[0])
         except zipfile.BadZipFile as e:
+            f.seek(0)
+            head = f.read(2)
+            if not head:
+                raise ProgressRecordError("empty file, not a torch file") from None
+            if head[:1] != b"\x80":  # neither a torch.save zip nor torch's legacy (pickle) format
+                raise ProgressRecordError("not a torch file (neither a torch.save zip nor a legacy torch pickle)") from None
             raise _NeedsTorch(str(e)) from None
     try:
         return _PlainUnpickler(io.BytesIO(data)).load()

@@ -82,7 +82,7 @@ TABLE = {
     "malicious_metadata": {"inspect": (2, "refused to load: references posix.system"), "list": (0, None), "verify": (1, "refused to load"), "diff": (2, "refused to load"), "convert": (2, "refused to load")},
     "flipped_shard": {"inspect": (0, None), "list": (0, None), "verify": (1, "__0_0.distcp: checksum mismatch"), "diff": (0, None), "convert": (None, None)},
     "missing_shard": {"inspect": (0, None), "list": (0, None), "verify": (1, "__0_0.distcp: missing"), "diff": (0, None), "convert": (2, "__0_0.distcp: No such file or directory")},
-    "orchestrator_not_torch": {"inspect": (0, None), "list": (0, None), "verify": (1, "orchestrator.pt: not a readable orchestrator progress record"), "diff": (0, None), "convert": (0, None)},
+    "orchestrator_not_torch": {"inspect": (0, None), "list": (0, None), "verify": (1, "orchestrator.pt: not a torch file"), "diff": (0, None), "convert": (0, None)},
     "no_trainer": {"inspect": (2, "no trainer/ directory"), "list": (0, None), "verify": (1, "no trainer/ directory"), "diff": (2, "no trainer/ directory"), "convert": (2, "no trainer/ directory")},
 }  # fmt: skip
 

@@ -62,8 +62,11 @@ def test_bad_files_are_refused_without_executing(tmp_path):
             load_progress(bad)
     assert not marker.exists()
     (tmp_path / "text.pt").write_text("hello")
-    with pytest.raises(ProgressRecordError, match="not a readable orchestrator progress record"):
+    with pytest.raises(ProgressRecordError, match=r"text.pt: not a torch file \(neither a torch.save zip nor a legacy"):
         load_progress(tmp_path / "text.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ProgressRecordError, match="empty.pt: empty file, not a torch file"):
+        load_progress(tmp_path / "empty.pt")
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(ProgressRecordError, match="not a progress record"):
         load_progress(tmp_path / "list.pt")
@@ -129,3 +132,21 @@ def test_kill_during_write_leaves_old_or_new_record(tmp_path, where, expected_st
     leftovers = [p.name for p in path.parent.iterdir() if p.name != "orchestrator.pt"]
     assert all(n.startswith(".orchestrator.pt.tmp.") for n in leftovers)
     assert [c.step for c in scan_checkpoints(tmp_path)] == [10]  # the temp file is never a step or a part
+
+
+def test_a_foreign_file_is_refused_without_importing_torch(tmp_path):
+    """Read-only commands stay torch-free on a garbage orchestrator.pt (a fresh-user trial saw
+    `list` take 6 s instead of 1 s: the reader fell back to torch.load for it)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "orchestrator.pt").write_text("hello")
+    code = (
+        "import sys\n"
+        "from prime_ckpt.orchestrator import load_progress, ProgressRecordError\n"
+        f"try:\n    load_progress({str(tmp_path / 'orchestrator.pt')!r})\n"
+        "except ProgressRecordError as e:\n    print('refused:', e)\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120).stdout
+    assert "refused: " in out and "not a torch file" in out and "torch imported: False" in out
