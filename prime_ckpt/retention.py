@@ -297,7 +297,8 @@ def plan_output_dir(
 
     layout = RunLayout(output_dir)
     if not layout.output_dir.is_dir():
-        raise FileNotFoundError(f"{layout.output_dir}: no such directory")
+        what = "a file, not a run output dir" if layout.output_dir.exists() else "no such directory"
+        raise FileNotFoundError(f"{layout.output_dir}: {what}")
     if not (layout.checkpoints_dir.is_dir() or layout.weights_dir.is_dir()):
         raise FileNotFoundError(f"{layout.output_dir}: not a run output dir (no checkpoints/ or weights/)")
     inventory = scan_inventory(layout.output_dir)

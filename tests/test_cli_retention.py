@@ -78,6 +78,9 @@ def test_prune_asks_then_deletes(tmp_path):
 def test_bad_input(tmp_path):
     r = runner.invoke(app, ["plan", str(tmp_path / "nope")])
     assert r.exit_code == 2 and "nope: no such directory" in r.output
+    (tmp_path / "a_file").write_text("x")
+    r = runner.invoke(app, ["plan", str(tmp_path / "a_file")])
+    assert r.exit_code == 2 and "a_file: a file, not a run output dir" in r.output
     r = runner.invoke(app, ["plan", str(tmp_path)])
     assert r.exit_code == 2 and "not a run output dir" in r.output
     make_run(tmp_path, [1], [])
