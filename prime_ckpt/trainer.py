@@ -313,6 +313,14 @@ class SaveRecord:
     started_at: float = field(default_factory=time.time)
 
 
+def _has_files(directory) -> bool:
+    """True if ``directory`` exists and holds any entry (local or remote path)."""
+    try:
+        return directory.is_dir() and any(True for _ in directory.iterdir())
+    except FileNotFoundError:
+        return False
+
+
 def local_tensor_bytes(obj: Any) -> int:
     """Bytes of tensor data held by this rank in a nested state dict (local shards of DTensors)."""
     if isinstance(obj, DTensor):
@@ -490,12 +498,14 @@ class Checkpointer:
         self.wait()
         wait_prev = time.perf_counter() - t_call
         trainer_dir = self.layout.trainer_dir(step)
-        if _rank() == 0 and trainer_dir.exists():
+        if _rank() == 0 and _has_files(trainer_dir):
             # A stale directory from an earlier run or a crashed save: never mix old and new files.
             # No barrier needed: every rank writes only after DCP's planning collective, which
-            # rank 0 joins after this removal (a directory another rank already re-created is
-            # re-created again by rank 0's own planning step).
-            logger.warning("%s exists (stale or earlier save); replacing it", trainer_dir)
+            # rank 0 joins after this removal, so any file here now is from an earlier save. An
+            # empty directory is left alone: it is this save's, created by a faster rank's
+            # planning step (removing it opened a window where a crash left no trace of the
+            # save in progress).
+            logger.warning("%s holds files (stale or earlier save); replacing it", trainer_dir)
             remove_tree(trainer_dir)
         record = SaveRecord(step=step, mode="async" if self.config.save_async else "sync", world_size=_world_size(),
                             async_level=self.async_level)

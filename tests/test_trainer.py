@@ -79,3 +79,12 @@ def test_resume_step_errors_keep_their_type(tmp_path):
     with pytest.raises(CheckpointNotFoundError, match=r"step_7: no such checkpoint step; no checkpoint steps on disk"):
         Checkpointer(tmp_path, CheckpointConfig(resume_step=7)).resume_step()
     assert Checkpointer(tmp_path, CheckpointConfig(resume_step=-1)).resume_step() is None
+
+
+def test_stale_trainer_dir_replaced_but_an_empty_one_left_alone(tmp_path, run_ranks):
+    """Files in a trainer dir before a save are an earlier save's: rank 0 removes them. An empty
+    trainer dir is this save's own (a faster rank's planning step made it): removing it opened a
+    window in which a crash left no trace of the save in progress (seen in the fault harness)."""
+    res = run_ranks("stale_trainer_dir.py", str(tmp_path / "run"), timeout=120)
+    assert "removed: ['step_1']" in res.stdout
+    assert "step 1 files: ['.metadata', '__0_0.distcp', '__1_0.distcp']" in res.stdout
