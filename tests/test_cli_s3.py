@@ -197,24 +197,26 @@ def test_manifest_and_verify(run):
 
 
 def test_plan_then_prune_keep_1(run):
+    """s3_run.py's Checkpointer records async level 1, so keeping step 4 pins weights [3, 4]."""
     url = run.url
     before = objects(run)
     d = json.loads(cli(run, "plan", url, "--keep", "1", "--json").stdout)
     actions = {(e["kind"], e["step"]): e["action"] for e in d["entries"]}
     assert actions == {
         **{("checkpoint", s): "delete" for s in (1, 2, 3)}, ("checkpoint", 4): "keep",
-        **{("weights", s): "delete" for s in (1, 2, 3)}, ("weights", 4): "keep",
+        **{("weights", s): "delete" for s in (1, 2)}, ("weights", 3): "keep", ("weights", 4): "keep",
     }
     paths = {e["path"] for e in d["entries"]}
     assert f"{url}/checkpoints/step_1" in paths and f"{url}/weights/step_4" in paths
-    freed = sum(size for k, (size, _) in before.items() if not k.startswith(("run/checkpoints/step_4/", "run/weights/step_4/")))
+    kept = ("run/checkpoints/step_4/", "run/weights/step_3/", "run/weights/step_4/")
+    freed = sum(size for k, (size, _) in before.items() if not k.startswith(kept))
     assert d["bytes_freed"] == freed
     assert objects(run) == before  # a dry run
 
     r = cli(run, "prune", url, "--keep", "1", "--yes")
-    assert "deleted 6, already gone 0, failed 0" in r.stdout
-    assert step_prefixes(run) == {"run/checkpoints/step_4", "run/weights/step_4"}
-    assert objects(run) == {k: v for k, v in before.items() if k.startswith(("run/checkpoints/step_4/", "run/weights/step_4/"))}
+    assert "deleted 5, already gone 0, failed 0" in r.stdout
+    assert step_prefixes(run) == {"run/checkpoints/step_4", "run/weights/step_3", "run/weights/step_4"}
+    assert objects(run) == {k: v for k, v in before.items() if k.startswith(kept)}
     assert "nothing to delete" in cli(run, "prune", url, "--keep", "1", "--yes").stdout
     cli(run, "verify", url)
 
