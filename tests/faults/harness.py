@@ -563,6 +563,17 @@ def poll_trigger(t: Trial, out: Path, target: int, since_ns: int, armed_at: floa
     return None
 
 
+def _running(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie (a zombie has exited; killing it does nothing)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    fields_ = stat[stat.rfind(b")") + 2:].split()
+    return bool(fields_) and fields_[0] != b"Z"
+
+
 def kill_and_snapshot(t: Trial, launch: Launch, ranks: dict[int, int], ref: Reference, subprocess_cli: bool) -> None:
     """Kill as the trial says, wait for the job to be gone, snapshot and check the disk."""
     out = launch.out
@@ -577,16 +588,21 @@ def kill_and_snapshot(t: Trial, launch: Launch, ranks: dict[int, int], ref: Refe
             t.problems.append(f"no pid for trainer rank {rank} (found {ranks})")
             launch.kill_all()
         else:
+            landed = _running(pid)
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
-                pass
+                landed = False
             rc = launch.wait(EXIT_TIMEOUT)
             if rc is None:
                 t.problems.append(f"launcher still running {EXIT_TIMEOUT:.0f} s after rank {rank} was killed")
                 launch.kill_all()
-            elif rc == 0:
+            elif rc == 0 and (landed and not FINAL_RE.search(launch.text())):
                 t.problems.append(f"launcher exited 0 after rank {rank} was killed")
+            elif rc == 0:
+                # the rank had already finished (exited, or printed its final line and exited 0
+                # before the signal landed): torchrun saw exit 0, nothing was killed
+                t.fired += " (too late: the rank had finished)"
     survivors = wait_gone(out, EXIT_TIMEOUT)
     if survivors:
         t.problems.append(f"processes of the killed job still alive after {EXIT_TIMEOUT:.0f} s: {survivors}")
