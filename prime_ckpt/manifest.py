@@ -71,7 +71,6 @@ from prime_ckpt.storage import (
     atomic_write_bytes,
     is_remote,
     list_tree,
-    read_trainer_metadata,
     to_path,
 )
 
@@ -342,10 +341,10 @@ def verify_manifest(step_dir: AnyPath | str, on_bytes: OnBytes | None = None) ->
 
 # -- structural checks (no manifest needed, no tensor data read) -------------------------------
 def _check_trainer(trainer_dir: AnyPath, problems: list[str]) -> None:
-    from prime_ckpt.dcp_metadata import MetadataError
+    from prime_ckpt.dcp_metadata import MetadataError, read_dcp_metadata
 
     try:
-        md = read_trainer_metadata(trainer_dir)
+        md = read_dcp_metadata(trainer_dir)
     except MetadataError as e:
         problems.append(str(e))
         return

@@ -518,12 +518,3 @@ def decode_dcp_metadata(data: bytes | None, where: str) -> Metadata:
     if data is None:
         _raise_metadata_error(f"{where}: missing (save did not finish?)")
     return decode_metadata(data, where, torch_free=False)
-
-
-def read_trainer_metadata(trainer_dir: AnyPath | str) -> Metadata:
-    """:func:`prime_ckpt.dcp_metadata.read_dcp_metadata` for a local or remote DCP directory
-    (or its ``.metadata`` file): torch's classes when torch is imported, else the torch-free
-    stand-ins. Raises ``MetadataError`` (one line, names the file)."""
-    from prime_ckpt.dcp_metadata import read_dcp_metadata
-
-    return read_dcp_metadata(to_path(trainer_dir))

@@ -48,7 +48,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
 from prime_ckpt.config import CheckpointConfig
-from prime_ckpt.dcp_metadata import SafeLoadPlanner
+from prime_ckpt.dcp_metadata import SafeLoadPlanner, read_dcp_metadata
 from prime_ckpt.layout import (
     SAVE_INFO_FILE,
     TRAINER_PART,
@@ -67,7 +67,6 @@ from prime_ckpt.storage import (
     clean_leftovers,
     dcp_reader,
     dcp_writer,
-    read_trainer_metadata,
     remove_tree,
     to_path,
     tree_size,
@@ -637,7 +636,7 @@ class Checkpointer:
         if not trainer_part_complete(trainer_dir):
             raise FileNotFoundError(f"{trainer_dir}: not a complete trainer checkpoint (no .metadata)")
         sd = {APP_KEY: state.state_dict()}
-        metadata = read_trainer_metadata(trainer_dir)
+        metadata = read_dcp_metadata(trainer_dir)
         own_key = state._rank_key()
         src_key = source_rank_key(metadata.state_dict_metadata.keys(), _rank())
         if src_key is None:

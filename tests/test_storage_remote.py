@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from prime_ckpt.dcp_metadata import MetadataError, UnsafeMetadataError
+from prime_ckpt.dcp_metadata import MetadataError, UnsafeMetadataError, read_dcp_metadata
 from prime_ckpt.layout import scan_checkpoints, scan_inventory
 from prime_ckpt.storage import (
     atomic_write,
@@ -20,7 +20,6 @@ from prime_ckpt.storage import (
     dcp_writer,
     is_remote,
     list_tree,
-    read_trainer_metadata,
     remove_tree,
     set_aside,
     to_path,
@@ -186,10 +185,10 @@ def test_trainer_metadata_is_read_safely(root, capsys):
 
     d = root / "checkpoints" / "step_1" / "trainer"
     with pytest.raises(MetadataError, match="missing"):
-        read_trainer_metadata(d)
+        read_dcp_metadata(d)
     sd = {"w": torch.arange(12.0).reshape(3, 4), "n": 5}
     dcp.save(sd, storage_writer=dcp_writer(d))
-    md = read_trainer_metadata(d)
+    md = read_dcp_metadata(d)
     assert set(md.state_dict_metadata) == {"w", "n"}
     out = {"w": torch.zeros(3, 4), "n": 0}
     dcp.load(out, storage_reader=dcp_reader(d))
@@ -200,10 +199,10 @@ def test_trainer_metadata_is_read_safely(root, capsys):
     pickle.dump(Evil(), buf)
     atomic_write_bytes(d / ".metadata", buf.getvalue())
     with pytest.raises(UnsafeMetadataError, match=r"builtins\.print"):
-        read_trainer_metadata(d)
+        read_dcp_metadata(d)
     with pytest.raises(BaseException, match="refused to load: references builtins.print"):  # DCP's CheckpointException
         dcp.load(out, storage_reader=dcp_reader(d))
     assert "pwned" not in capsys.readouterr().out
     atomic_write_bytes(d / ".metadata", b"\x80\x04 truncated")
     with pytest.raises(MetadataError, match="not readable DCP metadata"):
-        read_trainer_metadata(d)
+        read_dcp_metadata(d)
