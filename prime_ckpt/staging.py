@@ -121,7 +121,8 @@ class ReusedBufferStager:
         return y
 
     def _copy_tensor(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.detach()
+        # no detach(): stage() runs under no_grad, and a detach per tensor is a dispatch on the
+        # blocking path
         storage = t.untyped_storage()
         views = self._buffers.get(storage)
         if views is None:

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
-from prime_ckpt.loading import DirectReadMixin, _byte_range, _locate, _NotDirect
+from prime_ckpt.loading import DirectReadMixin, _byte_range, _FileView, _locate, _NotDirect
 
 
 class DirectReader(DirectReadMixin, FileSystemReader):
@@ -133,6 +133,26 @@ def test_locate_never_runs_a_pickled_callable(tmp_path):
     with open(f, "rb") as fh, pytest.raises(_NotDirect, match="global os.system"):
         _locate(fh, 0, f.stat().st_size)
     assert not (tmp_path / "pwned").exists()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_file_view_reads_the_same_bytes_as_the_file(tmp_path_factory, data):
+    """The window's cached head/tail and the file reads around them give exactly the file's
+    bytes, for any window, edge size, read position and read size (short reads included)."""
+    raw = bytes(range(256)) * 40
+    f = tmp_path_factory.mktemp("view") / "f"
+    f.write_bytes(raw)
+    offset = data.draw(st.integers(0, len(raw)))
+    length = data.draw(st.integers(0, len(raw) - offset))
+    edge = data.draw(st.sampled_from([0, 1, 7, 64, 4096]))
+    with open(f, "rb") as fh:
+        view = io.BufferedReader(_FileView(fh, offset, length, edge=edge), buffer_size=data.draw(st.sampled_from([1, 13, 8192])))
+        for _ in range(5):
+            pos = data.draw(st.integers(0, length))
+            n = data.draw(st.integers(0, length + 3))
+            view.seek(pos)
+            assert view.read(n) == raw[offset + pos : offset + min(pos + n, length)]
 
 
 @st.composite

@@ -165,3 +165,24 @@ def test_dtensor_rewrapped_with_same_spec_and_reused(one_rank_group):
     assert s2.to_local().data_ptr() == ptr
     assert _bits(s2.to_local()) == _bits(d.to_local())
     assert np.array_equal(s1.to_local().numpy(), s2.to_local().numpy())  # same buffer, new contents
+
+
+def test_staged_bytes_count_every_tensor_once(one_rank_group):
+    """``last_staged_bytes`` (what an async save records as its bytes) equals the bytes of the
+    state's tensors, DTensors counted by their local shard, for a state without shared tensors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from prime_ckpt.trainer import local_tensor_bytes
+
+    mesh = init_device_mesh("cpu", (1,))
+    sd = {
+        "d": distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]),
+        "w": torch.randn(4, 3, requires_grad=True),
+        "h": torch.zeros(5, dtype=torch.float16),
+        "step": torch.tensor(3),
+        "lr": 0.1,
+    }
+    stager = ReusedBufferStager()
+    stager.stage(sd)
+    assert stager.last_staged_bytes == local_tensor_bytes(sd) == 8 * 4 * 4 + 4 * 3 * 4 + 5 * 2 + 8
