@@ -900,7 +900,6 @@ class Worker:
         }
         self.log(f"rss: peak extra {vals[0]:.2f}x state, drift {vals[1] * 100:.1f}% over {n} saves "
                  f"({vals[2] * 100:.1f}% with a training step before each, {vals[3] * 100:.1f}% for the training steps alone)")
-        del model, opt
 
     # -- main ------------------------------------------------------------------------------------
     def main(self) -> None:
