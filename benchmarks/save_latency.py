@@ -12,7 +12,8 @@ with torchrun under a timeout):
 * S3 (a ``moto`` server on 127.0.0.1 through ``s3fs``): raw upload, DCP's fsspec writer sync,
   and async with :class:`prime_ckpt.staging.ReusedBufferStager`;
 * load time per format, the step-time overhead of an async checkpoint every 10 steps, and RSS
-  (peak during async saves, drift over 20 consecutive saves).
+  (peak during async saves, drift over 20 consecutive saves; then 20 training steps with and
+  without a save after each, side by side, since training's own allocations move RSS too).
 
 Reported per case: blocking time (training-loop stall), time to durable, throughput and peak
 RSS, median / min / max over the repetitions after a warm-up save. Output:
@@ -21,7 +22,7 @@ JSON's top-level ``"targets"``. Run ``python benchmarks/save_latency.py --help``
 
 On a CUDA machine the state lives on the GPU and staging measures GPU-to-host copies into
 pinned buffers (DCP's ``DefaultStager`` with ``StagingOptions`` pinned, and this project's
-stager); nothing else changes.
+stager), and the memcpy floor is a device-to-host copy into pinned memory; nothing else changes.
 """
 
 from __future__ import annotations
@@ -519,8 +520,23 @@ class Worker:
             return cleanup
 
         # baselines -------------------------------------------------------------------------
-        cases.append(Case("memcpy", "memory", "baseline", lambda rep: timed(lambda: flat_dst.copy_(flat_src)),
-                          note="warm flat copy of the per-rank bytes (staging limit)"))
+        if torch.cuda.is_available():
+            # the staging floor on a GPU: one device-to-host copy of the per-rank bytes into
+            # pinned memory that is already allocated
+            dev_src = torch.ones(per_rank // 4, dtype=torch.float32, device="cuda")
+            pinned_dst = torch.zeros(per_rank // 4, dtype=torch.float32, pin_memory=True)
+
+            def copy_floor() -> None:
+                pinned_dst.copy_(dev_src, non_blocking=True)
+                torch.cuda.synchronize()
+
+            memcpy_note = "warm device-to-host copy of the per-rank bytes into pinned memory (staging limit)"
+        else:
+            def copy_floor() -> None:
+                flat_dst.copy_(flat_src)
+
+            memcpy_note = "warm flat copy of the per-rank bytes (staging limit)"
+        cases.append(Case("memcpy", "memory", "baseline", lambda rep: timed(copy_floor), note=memcpy_note))
         for st in storages:
             raw = lambda rep, st=st: st.path(f"raw_{rep}_r{rank}.bin")
             cases.append(Case("raw_write", st.name, "baseline", lambda rep, st=st, raw=raw: timed(lambda: st.write_bytes(raw(rep), flat_src)),
