@@ -197,8 +197,8 @@ def _byte_range(desc: _Rebuilt, offsets: tuple[int, ...], lengths: tuple[int, ..
 
 
 class DirectReadMixin:
-    """Mix into a DCP ``FileSystemReader`` (before it in the bases) to read tensors directly
-    into their targets; see the module docstring for when it applies. Everything else goes to
+    """Mix into a DCP ``FileSystemReader`` or ``FsspecReader`` (before it in the bases) to read
+    tensors directly into their targets; see the module docstring for when it applies. Everything else goes to
     the base class's ``read_data`` unchanged. Counters ``direct_items`` / ``fallback_items``
     (ints, cumulative) say how many items took which path.
     """

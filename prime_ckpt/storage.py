@@ -456,8 +456,8 @@ def dcp_writer(trainer_dir: AnyPath | str, storage_options: dict[str, Any] | Non
 def dcp_reader(trainer_dir: AnyPath | str, storage_options: dict[str, Any] | None = None):
     """The DCP ``StorageReader`` for a checkpoint directory; ``.metadata`` is read through the
     restricted unpickler either way (:class:`prime_ckpt.dcp_metadata.SafeFileSystemReader`
-    locally, :func:`_safe_fsspec_reader` remotely). Locally, tensors are read straight into
-    their target shards (:class:`prime_ckpt.loading.DirectReadMixin`)."""
+    locally, :func:`_safe_fsspec_reader` remotely), and tensors are read straight into their
+    target shards either way (:class:`prime_ckpt.loading.DirectReadMixin`)."""
     path = to_path(trainer_dir, storage_options)
     if not is_remote(path):
         return _direct_local_reader()(str(path))
@@ -476,10 +476,15 @@ def _direct_local_reader() -> type:
 @functools.cache
 def _safe_fsspec_reader() -> type:
     """DCP's ``FsspecReader`` with ``.metadata`` read through the restricted unpickler (the
-    remote twin of ``SafeFileSystemReader``)."""
+    remote twin of ``SafeFileSystemReader``) and the direct read path of
+    :mod:`prime_ckpt.loading`: DCP's own path runs ``torch.load`` on a slice of the remote file
+    for every tensor, whose zip parsing seeks back and forth and makes the fsspec file re-fetch
+    blocks; the direct path reads each tensor's bytes in one ranged read."""
+    from prime_ckpt.loading import DirectReadMixin
+
     base = _fsspec_dcp_class("FsspecReader")
 
-    class SafeFsspecReader(base):  # type: ignore[misc, valid-type]
+    class SafeFsspecReader(DirectReadMixin, base):  # type: ignore[misc, valid-type]
         def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
             from torch.distributed.checkpoint.metadata import StorageMeta
 

@@ -206,3 +206,28 @@ def test_trainer_metadata_is_read_safely(root, capsys):
     atomic_write_bytes(d / ".metadata", b"\x80\x04 truncated")
     with pytest.raises(MetadataError, match="not readable DCP metadata"):
         read_dcp_metadata(d)
+
+
+def test_remote_load_reads_tensors_directly_and_bitwise(root):
+    """``dcp_reader`` on a remote path takes the direct read path for plain tensors (one ranged
+    read each instead of torch.load on a slice of the remote file) and loads bitwise what was
+    saved; a non-contiguous saved tensor still goes through DCP's own path."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from prime_ckpt.loading import DirectReadMixin
+
+    g = torch.Generator().manual_seed(3)
+    d = root / "checkpoints" / "step_2" / "trainer"
+    sd = {"w": torch.randn(64, 33, generator=g), "h": torch.randn(7, generator=g).to(torch.bfloat16),
+          "i": torch.arange(5), "t": torch.randn(4, 6, generator=g).t(), "n": 3}
+    dcp.save(sd, storage_writer=dcp_writer(d), no_dist=True)
+    reader = dcp_reader(d)
+    out = {"w": torch.zeros(64, 33), "h": torch.zeros(7, dtype=torch.bfloat16), "i": torch.zeros(5, dtype=torch.int64),
+           "t": torch.zeros(6, 4), "n": 0}
+    dcp.load(out, storage_reader=reader, no_dist=True)
+    assert isinstance(reader, DirectReadMixin)
+    assert (reader.direct_items, reader.fallback_items) == (3, 2)  # "t" was saved with its strides; "n" is bytes
+    for k in ("w", "h", "i", "t"):
+        assert out[k].dtype == sd[k].dtype and out[k].view(-1).view(torch.uint8).equal(sd[k].contiguous().view(-1).view(torch.uint8)), k
+    assert out["n"] == 3
