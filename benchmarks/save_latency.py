@@ -926,6 +926,13 @@ class Worker:
         if self.s3 is not None and self.rank == 0:
             self.s3.fs.makedirs(S3_BUCKET, exist_ok=True)
         self.barrier()
+        # RSS and step time first, in a fresh process: after the size cases glibc keeps gigabytes
+        # of freed memory, which the staging buffers would reuse without RSS growing (a 1 GiB run
+        # read 0.005x the state as the peak that way)
+        self.rss_checks()
+        gc.collect()
+        self.step_overhead()
+        gc.collect()
         for size in self.s.sizes:
             t_size = time.perf_counter()
             model, opt = build_state(size)
@@ -946,8 +953,6 @@ class Worker:
             del model, opt, cases, lcases
             gc.collect()
             self.log(f"size {fmt_size(size)} done in {time.perf_counter() - t_size:.0f} s")
-        self.step_overhead()
-        self.rss_checks()
         if self.rank == 0 and self.s.worker_out:
             Path(self.s.worker_out).write_text(json.dumps({"records": self.records, "extras": self.extras, "env": self.env}))
         self.barrier()
