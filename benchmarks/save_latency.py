@@ -787,7 +787,7 @@ class Worker:
                     self.barrier()
                     return timed(lambda: ck.load(step, state))
 
-                cases.append(Case("ckpt_load", c.storage, "load", cload, note="Checkpointer.load" + (" (tensors read straight into the shards)" if c.storage == "local" else " (DCP's FsspecReader path)")))
+                cases.append(Case("ckpt_load", c.storage, "load", cload, note="Checkpointer.load (tensors read straight into the shards)"))
         from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -1146,7 +1146,10 @@ def markdown(result: dict[str, Any]) -> str:
                 f"- world size {ws}: {rs['saves']} consecutive async saves of {fmt_size(rs['per_rank_state_bytes'])}/rank: "
                 f"peak extra RSS {rs['peak_extra_rss_vs_state']:.2f}× the per-rank state, RSS drift {rs['drift'] * 100:.1f}%"
                 + (f"; with a training step before each save {rs['drift_train_and_save'] * 100:.1f}%, the same training "
-                   f"steps without saves {rs['drift_train_only'] * 100:.1f}% (the allocator's swing from training)"
+                   f"steps without saves {rs['drift_train_only'] * 100:.1f}% (the allocator's swing from training); "
+                   f"highest RSS with saves {max(rs['rss_after_train_and_save_bytes']) / MiB:.0f} MiB vs "
+                   f"{max(rs['rss_after_train_only_bytes']) / MiB:.0f} MiB without "
+                   f"({(max(rs['rss_after_train_and_save_bytes']) / max(rs['rss_after_train_only_bytes']) - 1) * 100:+.1f}%; rank 0)"
                    if "drift_train_only" in rs else "")
             )
     lines += ["", "## Targets", "", "| target | value | limit | holds | measured as |", "|---|---|---|---|---|"]
@@ -1256,8 +1259,9 @@ def explain(result: dict[str, Any]) -> None:
         st = med("ckpt_async_thread", "staging_s")
         why["blocking_vs_memcpy"] = (
             f"blocking {med('ckpt_async_thread', 'blocking_s'):.3f} s of which staging copy {st or 0:.3f} s; "
-            f"memcpy {med('memcpy', 'durable_s', 'memory'):.3f} s; the rest is get_state_dict and DCP's async_save "
-            f"call (it hands planning and the write to the save thread)"
+            f"memcpy {med('memcpy', 'durable_s', 'memory'):.3f} s (staging copies each of the state's tensors from where it "
+            f"lives, one flat buffer is the floor); the rest is get_state_dict (FSDP2: a new DTensor and FQN per tensor) "
+            f"and DCP's async_save call (it hands planning and the write to the save thread)"
         )
     if not t["save_vs_raw_write"]["holds"] and t["save_vs_raw_write"]["value"]:
         why["save_vs_raw_write"] = (
@@ -1267,8 +1271,9 @@ def explain(result: dict[str, Any]) -> None:
     if not t["load_vs_raw_read"]["holds"] and t["load_vs_raw_read"]["value"]:
         why["load_vs_raw_read"] = (
             f"Checkpointer load {med('ckpt_load', 'durable_s'):.3f} s vs raw read {med('raw_read', 'durable_s'):.3f} s "
-            f"(DCP's own reader: {med('dcp_load', 'durable_s') or float('nan'):.3f} s); the rest is set_state_dict, "
-            f"load planning and the non-tensor items"
+            f"(DCP's own reader: {med('dcp_load', 'durable_s') or float('nan'):.3f} s); the gap is reading the state as "
+            f"one ranged read per tensor from a cold page cache instead of one sequential read, and DCP's load "
+            f"planning and set_state_dict (profiled in benchmarks/README.md)"
         )
     so = result["extras"].get(str(ws), {}).get("step_overhead")
     if not t["step_overhead"]["holds"] and so:
