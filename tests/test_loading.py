@@ -155,6 +155,28 @@ def test_file_view_reads_the_same_bytes_as_the_file(tmp_path_factory, data):
             assert view.read(n) == raw[offset + pos : offset + min(pos + n, length)]
 
 
+@pytest.mark.parametrize("edge", [0, 1, 64, 4096, "inside_header"])
+def test_locate_is_independent_of_the_cached_edge(tmp_path, monkeypatch, edge):
+    """Wherever the cached head ends (even inside the data's local header, which the raw view
+    then returns in two short reads), _locate finds the same data offset."""
+    import prime_ckpt.loading as loading
+
+    t = torch.arange(300, dtype=torch.float32)
+    blob = _blob(t)
+    f = tmp_path / "f"
+    f.write_bytes(blob)
+    if edge == "inside_header":
+        z = zipfile.ZipFile(io.BytesIO(blob))
+        edge = next(i.header_offset for i in z.infolist() if i.filename.endswith("data/0")) + 10
+    with open(f, "rb") as fh:
+        expected = _locate(fh, 0, len(blob))[1]
+        orig = loading._FileView.__init__
+        monkeypatch.setattr(loading._FileView, "__init__", lambda self, f_, o, n, edge=edge: orig(self, f_, o, n, edge))
+        _, start = _locate(fh, 0, len(blob))
+        fh.seek(start)
+        assert start == expected and fh.read(t.numel() * 4) == t.numpy().tobytes()
+
+
 @st.composite
 def _regions(draw):
     size = tuple(draw(st.lists(st.integers(1, 5), min_size=1, max_size=4)))
