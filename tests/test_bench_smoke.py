@@ -65,9 +65,10 @@ def test_quick_benchmark_writes_results_with_schema(tmp_path):
         assert isinstance(t["value"], float) and math.isfinite(t["value"]), name
         assert isinstance(t["limit"], float | int) and isinstance(t["holds"], bool), name
 
-    # the RSS check: consecutive saves (the target), then training steps with and without saves
+    # the RSS check: training alone first, then consecutive saves (the target), then training with saves
     rss = result["extras"]["1"]["rss"]
-    for key in ("rss_after_each_save_bytes", "rss_after_train_and_save_bytes", "rss_after_train_only_bytes"):
+    for key in ("rss_train_only_bytes", "rss_after_each_save_bytes", "rss_after_train_and_save_bytes"):
         assert len(rss[key]) == 2 and all(v > 0 for v in rss[key]), key
     assert targets["rss_drift_20_saves"]["value"] == rss["drift"]
     assert 0 <= rss["drift_train_only"] < 1 and 0 <= rss["drift_train_and_save"] < 1
+    assert rss["rss_before_bytes"] == max(rss["rss_train_only_bytes"])
