@@ -834,7 +834,7 @@ class Worker:
                 if mode != "none" and (i + 1) % 10 == 0:
                     ck.save(step, state)
                 times[mode].append(self.max_all([time.perf_counter() - t0])[0])
-            ck.wait()
+            ck.flush()  # also rank 0's save record and manifest, before the directory goes
             if self.rank == 0:
                 shutil.rmtree(ck.layout.output_dir / "checkpoints", ignore_errors=True)
             self.barrier()

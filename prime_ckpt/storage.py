@@ -479,7 +479,8 @@ def _safe_fsspec_reader() -> type:
     remote twin of ``SafeFileSystemReader``) and the direct read path of
     :mod:`prime_ckpt.loading`: DCP's own path runs ``torch.load`` on a slice of the remote file
     for every tensor, whose zip parsing seeks back and forth and makes the fsspec file re-fetch
-    blocks; the direct path reads each tensor's bytes in one ranged read."""
+    blocks; the direct path reads each tensor's header (first and last 4 KiB of its blob) and
+    then its bytes, in order, through the file's read-ahead cache."""
     from prime_ckpt.loading import DirectReadMixin
 
     base = _fsspec_dcp_class("FsspecReader")
