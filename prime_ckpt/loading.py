@@ -198,8 +198,8 @@ def _byte_range(desc: _Rebuilt, offsets: tuple[int, ...], lengths: tuple[int, ..
 
 class DirectReadMixin:
     """Mix into a DCP ``FileSystemReader`` or ``FsspecReader`` (before it in the bases) to read
-    tensors directly into their targets; see the module docstring for when it applies. Everything else goes to
-    the base class's ``read_data`` unchanged. Counters ``direct_items`` / ``fallback_items``
+    tensors directly into their targets; see the module docstring for when it applies.
+    Everything else goes to the base class's ``read_data`` unchanged. Counters ``direct_items`` / ``fallback_items``
     (ints, cumulative) say how many items took which path.
     """
 
@@ -214,8 +214,7 @@ class DirectReadMixin:
         for relative_path, reqs in per_file.items():
             path = self.fs.concat_path(self.path, relative_path)
             with self.fs.create_stream(path, "rb") as f:
-                reqs = sorted(reqs, key=lambda r: self.storage_data[r.storage_index].offset)
-                for req in reqs:
+                for req in sorted(reqs, key=lambda r: self.storage_data[r.storage_index].offset):
                     if not self._read_direct(f, req, planner):
                         fallback.append(req)
         self.direct_items += len(plan.items) - len(fallback)

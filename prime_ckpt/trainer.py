@@ -324,7 +324,7 @@ def local_tensor_bytes(obj: Any) -> int:
     """Bytes of tensor data held by this rank in a nested state dict (local shards of DTensors)."""
     if isinstance(obj, DTensor):
         # the local shard itself, not to_local(): that goes through autograd dispatch, ~10 us a
-        # tensor, which adds up on the save's blocking path for ~1000 tensors
+        # tensor, which adds up for ~1000 tensors
         return obj._local_tensor.numel() * obj.element_size()
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
