@@ -19,7 +19,19 @@ path unchanged:
 * the requested region (``req.storage_offsets`` / ``req.lengths``, resharding) is one contiguous
   byte range of the stored tensor: every dim before the last narrowed one has length 1.
 
-Bitwise equality with DCP's path is tested in ``tests/test_loading.py``.
+How a tensor is found and read, in file order, so the file is read front to back:
+
+1. the first 4 KiB of its blob are read; the pickle (the first zip entry) and the storage's
+   local header are parsed from them: a *guess* at where the data starts;
+2. the data is read into the target at the guessed offset;
+3. the blob's last 4 KiB (the zip's central directory) are read and must *confirm* the guess
+   (:func:`_confirm_guess`, a lean check of exactly what is used); otherwise :mod:`zipfile`
+   parses the blob (:func:`_locate`) and the data is read again where it says, or the item goes
+   to DCP.
+
+A local file is read by :attr:`DirectReadMixin.read_threads` threads, each taking one contiguous
+run of items (``os.pread``: no shared file position); the planner is only touched on the calling
+thread. Bitwise equality with DCP's path is tested in ``tests/test_loading.py``.
 """
 
 from __future__ import annotations
@@ -27,9 +39,11 @@ from __future__ import annotations
 import collections
 import io
 import math
+import os
 import pickle
 import struct
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -61,6 +75,10 @@ class _Storage:
 class _Rebuilt:
     def __init__(self, storage: _Storage, storage_offset: int, size: tuple, stride: tuple) -> None:
         self.storage, self.storage_offset, self.size, self.stride = storage, storage_offset, tuple(size), tuple(stride)
+
+    def key(self) -> tuple:
+        s = self.storage
+        return (s.key, s.dtype, s.numel, self.storage_offset, self.size, self.stride)
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
@@ -96,18 +114,45 @@ class _FileView(io.RawIOBase):
     The first and last ``edge`` bytes of the window (bytes; where a ``torch.save`` zip keeps its
     pickle, local headers and central directory) are read once, in two reads, and served from
     memory: parsing the zip then costs two syscalls instead of dozens of small seeks and reads.
-    Reads elsewhere (the tensor bytes) go to the file.
+    The head is read at construction, the tail on first use (after the data, in file order).
+    Reads elsewhere (the tensor bytes) go to the file. ``f`` needs ``seek``/``read``/``readinto``.
     """
 
     def __init__(self, f, offset: int, length: int, edge: int = 4096) -> None:
-        self._f, self._offset, self._length, self._pos = f, offset, length, 0
+        self._f, self._offset, self._length, self._pos, self._edge = f, offset, length, 0, edge
         self._chunks: list[tuple[int, bytes]] = []
+        self._tail_pending = False
         if edge > 0 and length > 0:
-            if length <= 2 * edge:
-                self._chunks.append((0, self._pread(0, length)))
-            else:
-                self._chunks.append((0, self._pread(0, edge)))
-                self._chunks.append((length - edge, self._pread(length - edge, edge)))
+            self._chunks.append((0, self._pread(0, min(edge, length))))
+            self._tail_pending = length > edge
+
+    @property
+    def head(self) -> bytes:
+        """The window's first ``edge`` bytes (all of it if shorter), read at construction."""
+        return self._chunks[0][1] if self._chunks else b""
+
+    def cached(self, pos: int, n: int) -> bytes | None:
+        """Bytes ``[pos, pos + n)`` of the window if they lie in the head or the tail (the tail is
+        read on first use), else ``None``; never reads the middle of the window."""
+        if pos < 0 or n < 0 or pos + n > self._length:
+            return None
+        if self._tail_pending and pos + n > self._length - self._edge:
+            self._load_tail()
+        for start, data in self._chunks:
+            if start <= pos and pos + n <= start + len(data):
+                return data[pos - start : pos - start + n]
+        return None
+
+    def _load_tail(self) -> None:
+        # read lazily, on the first access past the head: a caller that reads the tensor's data
+        # first keeps the file's reads in ascending order (kernel read-ahead stays sequential)
+        self._tail_pending = False
+        start = max(self._edge, self._length - self._edge)
+        tail = self._pread(start, self._length - start)
+        if start == self._edge == len(self._chunks[0][1]):  # adjacent to the head: one chunk, so a span across both is cached
+            self._chunks[0] = (0, self._chunks[0][1] + tail)
+        else:
+            self._chunks.append((start, tail))
 
     def _pread(self, pos: int, n: int) -> bytes:
         self._f.seek(self._offset + pos)
@@ -130,6 +175,8 @@ class _FileView(io.RawIOBase):
         n = max(0, min(len(b), self._length - self._pos))
         if n == 0:
             return 0
+        if self._tail_pending and self._pos >= self._length - self._edge:
+            self._load_tail()
         for start, data in self._chunks:
             if start <= self._pos < start + len(data):
                 # a short read is allowed (RawIOBase); the caller asks again for the rest
@@ -151,10 +198,11 @@ def _contiguous_strides(size: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def _locate(f, offset: int, length: int) -> tuple[_Rebuilt, int]:
+def _locate(f, offset: int, length: int, view: _FileView | None = None) -> tuple[_Rebuilt, int]:
     """``(tensor description, absolute file offset of its data)`` of the ``torch.save`` blob at
-    ``[offset, offset + length)``; raises :class:`_NotDirect` for anything unusual."""
-    view = _FileView(f, offset, length)
+    ``[offset, offset + length)``, read through the zip's central directory; raises
+    :class:`_NotDirect` for anything unusual. ``view``: an existing view of that window."""
+    view = view if view is not None else _FileView(f, offset, length)
     try:
         z = zipfile.ZipFile(io.BufferedReader(view))
     except zipfile.BadZipFile as e:
@@ -180,6 +228,109 @@ def _locate(f, offset: int, length: int) -> tuple[_Rebuilt, int]:
     return desc, offset + data.header_offset + 30 + name_len + extra_len
 
 
+def _guess_data_start(head: bytes) -> tuple[_Rebuilt, int] | None:
+    """A quick guess, from the blob's first bytes only, at what :func:`_locate` returns (with
+    the data offset relative to the blob): the first zip entry is ``<archive>/data.pkl`` and the
+    storage's local header follows within ``head``. ``None`` when the head does not look like
+    that. A guess lets the data be read before the zip's central directory at the end of the
+    blob, so the file is read front to back; it is always checked against :func:`_locate`.
+    """
+    try:
+        if head[:4] != b"PK\x03\x04":
+            return None
+        name_len, extra_len = struct.unpack_from("<HH", head, 26)
+        name = head[30 : 30 + name_len]
+        if not name.endswith(b"/data.pkl"):
+            return None
+        desc = _TensorPickleReader(io.BytesIO(head[30 + name_len + extra_len :])).load()
+        if not isinstance(desc, _Rebuilt):
+            return None
+        data_name = name[: -len(b"data.pkl")] + b"data/" + desc.storage.key.encode()
+        at = head.find(data_name)
+        while at >= 30:
+            header = at - 30
+            if head[header : header + 4] == b"PK\x03\x04" and struct.unpack_from("<H", head, header + 26)[0] == len(data_name):
+                return desc, at + len(data_name) + struct.unpack_from("<H", head, header + 28)[0]
+            at = head.find(data_name, at + 1)
+    except Exception:  # noqa: BLE001 - a guess only: anything odd means "no guess"
+        return None
+    return None
+
+
+_EOCD = struct.Struct("<4s4H2IH")  # zip end of central directory record (22 bytes)
+_CENTRAL = struct.Struct("<4s6H3I5H2I")  # zip central directory file header (46 bytes)
+_LOCAL = struct.Struct("<4s5H3I2H")  # zip local file header (30 bytes)
+
+
+def _confirm_guess(view: _FileView, desc: _Rebuilt, data_start: int) -> bool:
+    """Whether the blob's central directory confirms a :func:`_guess_data_start` guess
+    ``(desc, data_start)`` (``data_start`` relative to the blob), reading only the cached head
+    and tail of ``view``: ``<archive>/data.pkl``, ``byteorder`` and ``data/<key>`` are stored
+    (uncompressed, unencrypted) entries whose local headers carry the same names; the pickle,
+    read from exactly its recorded length, describes the same tensor; the byte order is
+    ``little``; the storage entry is ``numel * itemsize`` bytes starting at ``data_start``.
+
+    ``False`` means "not confirmed here" (e.g. a zip64 archive, an archive comment, a central
+    directory outside the cached tail): the caller then parses the blob with :mod:`zipfile`
+    (:func:`_locate`), which handles every zip. A lean check instead of :mod:`zipfile` because it
+    runs once per tensor: :mod:`zipfile` cost ~0.3 ms per blob, ~0.15 s of a 512 MiB load.
+    """
+    try:
+        eocd = view.cached(view._length - _EOCD.size, _EOCD.size)
+        if eocd is None:
+            return False
+        sig, disk, cd_disk, n_here, n_total, cd_size, cd_offset, comment_len = _EOCD.unpack(eocd)
+        if sig != b"PK\x05\x06" or disk or cd_disk or comment_len or n_here != n_total:
+            return False
+        cd = view.cached(cd_offset, cd_size)
+        if cd is None:
+            return False
+        entries: dict[bytes, tuple[int, int, int, int]] = {}
+        pos = 0
+        for _ in range(n_total):
+            f = _CENTRAL.unpack_from(cd, pos)
+            if f[0] != b"PK\x01\x02":
+                return False
+            name = cd[pos + _CENTRAL.size : pos + _CENTRAL.size + f[10]]
+            entries[name] = (f[3], f[4], f[8], f[9], f[16])  # flags, method, csize, usize, header offset
+            pos += _CENTRAL.size + f[10] + f[11] + f[12]
+        if pos != cd_size:
+            return False
+        archive = next((n[: -len(b"data.pkl")] for n, e in entries.items() if n.endswith(b"/data.pkl") and e[4] == 0), None)
+        if archive is None:
+            return False
+
+        def content(name: bytes) -> tuple[int, bytes | None] | None:
+            entry = entries.get(name)
+            if entry is None:
+                return None
+            flags, method, csize, usize, header_at = entry
+            if flags & 0x1 or method != zipfile.ZIP_STORED or csize != usize:
+                return None
+            header = view.cached(header_at, _LOCAL.size)
+            if header is None or header[:4] != b"PK\x03\x04":
+                return None
+            name_len, extra_len = _LOCAL.unpack(header)[9:11]
+            if view.cached(header_at + _LOCAL.size, name_len) != name:
+                return None
+            start = header_at + _LOCAL.size + name_len + extra_len
+            return start, view.cached(start, usize)
+
+        pkl, order = content(archive + b"data.pkl"), content(archive + b"byteorder")
+        data = content(archive + b"data/" + desc.storage.key.encode())
+        if pkl is None or pkl[1] is None or order is None or order[1] is None or data is None:
+            return False
+        if order[1].strip() != b"little":
+            return False
+        stored = _TensorPickleReader(io.BytesIO(pkl[1])).load()
+        if not isinstance(stored, _Rebuilt) or stored.key() != desc.key():
+            return False
+        flags, method, csize, usize, header_at = entries[archive + b"data/" + desc.storage.key.encode()]
+        return data[0] == data_start and usize == desc.storage.numel * desc.storage.dtype.itemsize
+    except Exception:  # noqa: BLE001 - not confirmed: the zipfile path decides
+        return False
+
+
 def _byte_range(desc: _Rebuilt, offsets: tuple[int, ...], lengths: tuple[int, ...]) -> tuple[int, int]:
     """``(start, nbytes)`` of the region ``offsets``/``lengths`` of a contiguous tensor, if that
     region is one contiguous byte range; raises :class:`_NotDirect` otherwise."""
@@ -196,6 +347,57 @@ def _byte_range(desc: _Rebuilt, offsets: tuple[int, ...], lengths: tuple[int, ..
     return start, math.prod(lengths) * itemsize
 
 
+class _PreadFile:
+    """A read-only file handle over a shared descriptor with its own position, for one reader
+    thread: ``os.pread`` / ``os.preadv`` never move the descriptor's offset, so threads sharing
+    ``fd`` do not race on ``seek``. Offers what :class:`_FileView` and the data reads use."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd, self._pos = fd, 0
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence != 0:
+            raise io.UnsupportedOperation("absolute seeks only")
+        self._pos = pos
+        return pos
+
+    def read(self, n: int) -> bytes:
+        data = os.pread(self._fd, n, self._pos)
+        self._pos += len(data)
+        return data
+
+    def readinto(self, b) -> int:
+        n = os.preadv(self._fd, [b], self._pos)
+        self._pos += n
+        return n
+
+
+def _fileno(f) -> int | None:
+    """``f``'s OS file descriptor if it is a local file that ``os.preadv`` can read, else ``None``
+    (fsspec remote streams)."""
+    if not hasattr(os, "preadv"):
+        return None
+    try:
+        return f.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+
+
+def _split_contiguous(items: list, sizes: list[int], parts: int) -> list[list]:
+    """``items`` (in file order) cut into at most ``parts`` runs of consecutive items with about
+    equal total ``sizes`` (bytes), so each reader thread reads one region of the file front to
+    back."""
+    total = sum(sizes)
+    runs: list[list] = [[]]
+    acc = 0
+    for item, size in zip(items, sizes):
+        if runs[-1] and acc >= total * len(runs) / parts and len(runs) < parts:
+            runs.append([])
+        runs[-1].append(item)
+        acc += size
+    return runs
+
+
 class DirectReadMixin:
     """Mix into a DCP ``FileSystemReader`` or ``FsspecReader`` (before it in the bases) to read
     tensors directly into their targets; see the module docstring for when it applies.
@@ -205,6 +407,12 @@ class DirectReadMixin:
 
     direct_items = 0
     fallback_items = 0
+    #: Reader threads per local file (per rank). Measured on this project's 2-core VM, cold page
+    #: cache, 512 MiB per rank on 2 ranks: 4 concurrent sequential streams read a file in
+    #: 0.28-0.49 s, one stream in 0.54-1.05 s (the virtual disk serves a deeper queue faster);
+    #: in a whole load (1 GiB on 2 ranks) 8 threads gave 0.66-1.13 s, 4 gave 0.67-1.48 s, 1 gave 0.81-1.72 s.
+    #: Remote (fsspec) streams are read by one thread.
+    read_threads = 8
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner):  # noqa: D102 (DCP's signature)
         per_file: dict[str, list[ReadItem]] = {}
@@ -213,10 +421,29 @@ class DirectReadMixin:
         fallback: list[ReadItem] = []
         for relative_path, reqs in per_file.items():
             path = self.fs.concat_path(self.path, relative_path)
+            reqs = sorted(reqs, key=lambda r: self.storage_data[r.storage_index].offset)
+            # targets are resolved (and later committed) on this thread: the planner is not
+            # thread-safe; reader threads only fill disjoint regions of memory that exists
+            todo: list[tuple[ReadItem, torch.Tensor]] = []
+            for req in reqs:
+                target = self._direct_target(req, planner)
+                if target is None:
+                    fallback.append(req)
+                else:
+                    todo.append((req, target))
             with self.fs.create_stream(path, "rb") as f:
-                for req in sorted(reqs, key=lambda r: self.storage_data[r.storage_index].offset):
-                    if not self._read_direct(f, req, planner):
-                        fallback.append(req)
+                fd = _fileno(f)
+                if fd is None or self.read_threads <= 1 or len(todo) < 2:
+                    filled = [self._fill(f, req, target) for req, target in todo]
+                else:
+                    runs = _split_contiguous(todo, [self.storage_data[r.storage_index].length for r, _ in todo], self.read_threads)
+                    with ThreadPoolExecutor(len(runs), thread_name_prefix="prime-ckpt-read") as pool:
+                        filled = [ok for oks in pool.map(self._fill_run, [fd] * len(runs), runs) for ok in oks]
+            for (req, target), ok in zip(todo, filled):
+                if ok:
+                    planner.commit_tensor(req, target)
+                else:
+                    fallback.append(req)
         self.direct_items += len(plan.items) - len(fallback)
         self.fallback_items += len(fallback)
         if fallback:
@@ -225,30 +452,70 @@ class DirectReadMixin:
         fut.set_result(None)
         return fut
 
-    def _read_direct(self, f, req: ReadItem, planner: LoadPlanner) -> bool:
+    def _fill_run(self, fd: int, run: list[tuple[ReadItem, torch.Tensor]]) -> list[bool]:
+        """:meth:`_fill` for each item of ``run`` (consecutive in the file), on one reader thread
+        with its own position over the shared descriptor ``fd``."""
+        f = _PreadFile(fd)
+        return [self._fill(f, req, target) for req, target in run]
+
+    def _direct_target(self, req: ReadItem, planner: LoadPlanner) -> torch.Tensor | None:
+        """The tensor ``req`` fills, if the direct path may fill it (a plain stored tensor and a
+        contiguous CPU target of the requested shape); ``None`` sends it to DCP's path."""
         info = self.storage_data[req.storage_index]
         if req.type != LoadItemType.TENSOR or getattr(info, "transform_descriptors", None):
-            return False
+            return None
         target = planner.resolve_tensor(req).detach()
         if target.device.type != "cpu" or not target.is_contiguous() or tuple(target.shape) != tuple(req.lengths):
-            return False
-        try:
-            desc, data_start = _locate(f, info.offset, info.length)
-            if desc.storage.dtype != target.dtype:
+            return None
+        return target
+
+    def _fill(self, f, req: ReadItem, target: torch.Tensor) -> bool:
+        """Read ``req``'s region of its stored tensor from ``f`` into ``target``; ``False`` (target
+        possibly overwritten, to be filled by DCP's path) when the blob is not one this path
+        reads. Raises ``OSError`` on a short file."""
+        info = self.storage_data[req.storage_index]
+        view = _FileView(f, info.offset, info.length)
+        guess = _guess_data_start(view.head)
+        guessed_at = None
+        if guess is not None:
+            region = self._region(guess[0], req, target)
+            if region is not None and guess[1] + region[0] + region[1] <= info.length:
+                guessed_at = info.offset + guess[1] + region[0]
+                self._read_into(f, target, guessed_at, region[1], info)
+        if guess is not None and _confirm_guess(view, *guess):
+            desc, data_start = guess[0], info.offset + guess[1]
+        else:
+            try:
+                desc, data_start = _locate(f, info.offset, info.length, view)
+            except Exception:  # noqa: BLE001 - any surprise in the blob's layout: DCP's own path reads it
                 return False
-            start, nbytes = _byte_range(desc, tuple(req.storage_offsets), tuple(req.lengths))
-        except Exception:  # noqa: BLE001 - any surprise in the blob's layout: DCP's own path reads it
+        region = self._region(desc, req, target)
+        if region is None:
             return False
-        if nbytes != target.numel() * target.element_size():
-            return False
-        if nbytes:
-            dst = memoryview(target.view(-1).view(torch.uint8).numpy())
-            f.seek(data_start + start)
-            got = 0
-            while got < nbytes:
-                n = f.readinto(dst[got:])
-                if not n:
-                    raise OSError(f"{self.path}/{info.relative_path}: unexpected end of file at byte {data_start + start + got}")
-                got += n
-        planner.commit_tensor(req, target)
+        if guessed_at is None or guess[0].key() != desc.key() or guessed_at != data_start + region[0]:
+            self._read_into(f, target, data_start + region[0], region[1], info)
         return True
+
+    @staticmethod
+    def _region(desc: _Rebuilt, req: ReadItem, target: torch.Tensor) -> tuple[int, int] | None:
+        """``(start, nbytes)`` of ``req``'s region in the stored tensor's data, or ``None`` if the
+        direct path cannot fill ``target`` with it."""
+        if desc.storage.dtype != target.dtype:
+            return None
+        try:
+            start, nbytes = _byte_range(desc, tuple(req.storage_offsets), tuple(req.lengths))
+        except Exception:  # noqa: BLE001 - as in _fill
+            return None
+        return (start, nbytes) if nbytes == target.numel() * target.element_size() else None
+
+    def _read_into(self, f, target: torch.Tensor, at: int, nbytes: int, info) -> None:
+        if not nbytes:
+            return
+        dst = memoryview(target.view(-1).view(torch.uint8).numpy())
+        f.seek(at)
+        got = 0
+        while got < nbytes:
+            n = f.readinto(dst[got:])
+            if not n:
+                raise OSError(f"{self.path}/{info.relative_path}: unexpected end of file at byte {at + got}")
+            got += n

@@ -25,6 +25,8 @@ the restricted unpickler, and rank 0's post-commit work goes through :mod:`prime
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import random
@@ -259,6 +261,27 @@ class CheckpointSaveError(RuntimeError):
         self.step, self.path, self.failures = step, path, failures
         detail = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failures.items()))
         super().__init__(f"{path}: checkpoint step {step} failed ({detail}); earlier checkpoints are untouched")
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Pause Python's cyclic garbage collector (process-wide) for the ``with`` block.
+
+    A load, or the blocking part of a save, allocates tens of thousands of short-lived objects
+    (DCP plans and metadata, FSDP2's per-call DTensor wrappers and FQNs). Each time they cross
+    the collector's thresholds it runs, and about once per load a full collection walks every
+    object in the process: 0.15-0.18 s of a 1.1-1.8 s load measured at 1 GiB on 2 ranks
+    (``benchmarks/``). Memory is still freed by reference counting inside the block; reference
+    cycles are collected once the collector resumes. Restores the collector's previous state
+    (so nesting and a caller's own ``gc.disable()`` are respected).
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _save_error(step: int, path: AnyPath, exc: BaseException) -> CheckpointSaveError:
@@ -496,6 +519,10 @@ class Checkpointer:
         if self._closed:
             raise RuntimeError("Checkpointer.save() after close()")
         t_call = time.perf_counter()
+        with gc_paused():
+            return self._save(step, state, t_call)
+
+    def _save(self, step: int, state: TrainerState, t_call: float) -> SaveRecord:
         self.wait()
         wait_prev = time.perf_counter() - t_call
         trainer_dir = self.layout.trainer_dir(step)
@@ -635,6 +662,10 @@ class Checkpointer:
         Raises:
             FileNotFoundError: ``checkpoints/step_<step>/trainer`` is not a complete checkpoint.
         """
+        with gc_paused():
+            self._load(step, state)
+
+    def _load(self, step: int, state: TrainerState) -> None:
         trainer_dir = self.layout.trainer_dir(step)
         if not trainer_part_complete(trainer_dir):
             raise FileNotFoundError(f"{trainer_dir}: not a complete trainer checkpoint (no .metadata)")

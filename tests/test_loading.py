@@ -225,3 +225,113 @@ def test_checkpointer_reader_takes_the_direct_path_locally(tmp_path):
     assert isinstance(reader, DirectReadMixin)
     assert (reader.direct_items, reader.fallback_items) == (2, 0)
     assert torch.equal(out["w"], sd["w"]) and torch.equal(out["b"], sd["b"])
+
+
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int8, torch.bool, torch.float64]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 70), min_size=0, max_size=3), st.sampled_from(_DTYPES), st.integers(0, 2000))
+def test_guess_from_the_head_is_confirmed_and_equals_locate(tmp_path_factory, shape, dtype, prefix_len):
+    """For torch.save blobs of any shape and dtype, the guess made from the blob's first bytes is
+    what the zip's central directory says (the lean check confirms it, zipfile agrees)."""
+    from prime_ckpt.loading import _confirm_guess, _guess_data_start
+
+    t = torch.zeros(shape, dtype=torch.float64).uniform_(-3, 3).to(dtype)
+    blob = _blob(t)
+    f = tmp_path_factory.mktemp("guess") / "f"
+    f.write_bytes(b"p" * prefix_len + blob + b"after")
+    with open(f, "rb") as fh:
+        view = _FileView(fh, prefix_len, len(blob))
+        guess = _guess_data_start(view.head)
+        assert guess is not None
+        desc, start = _locate(fh, prefix_len, len(blob))
+        assert guess[0].key() == desc.key() and prefix_len + guess[1] == start
+        assert _confirm_guess(view, *guess)
+        fh.seek(start)
+        assert fh.read(t.numel() * t.element_size()) == t.view(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _with_central_entry(blob: bytes, name_suffix: bytes, field: int, value: int) -> bytes:
+    """``blob`` with one field (index into the 46-byte central header struct) of the central
+    directory entry whose name ends with ``name_suffix`` replaced."""
+    import struct
+
+    fmt = struct.Struct("<4s6H3I5H2I")
+    pos = blob.index(b"PK\x01\x02")
+    while True:
+        fields = list(fmt.unpack_from(blob, pos))
+        name = blob[pos + 46 : pos + 46 + fields[10]]
+        if name.endswith(name_suffix):
+            fields[field] = value
+            return blob[:pos] + fmt.pack(*fields) + blob[pos + 46 :]
+        pos = blob.index(b"PK\x01\x02", pos + 4)
+
+
+@pytest.mark.parametrize("suffix,field,value", [
+    (b"data/0", 16, 0),  # the storage's local header offset points elsewhere
+    (b"data/0", 9, 4 * 300 - 4),  # the storage entry is shorter than the tensor
+    (b"data/0", 4, 8),  # deflated
+    (b"data.pkl", 9, 20),  # the pickle's recorded length cuts it short
+    (b"byteorder", 16, 0),  # the byte order entry's header is not where it says
+])
+def test_confirm_refuses_what_the_central_directory_contradicts(tmp_path, suffix, field, value):
+    from prime_ckpt.loading import _confirm_guess, _guess_data_start
+
+    blob = _blob(torch.arange(300, dtype=torch.float32))
+    bad = _with_central_entry(blob, suffix, field, value)
+    for data, expected in ((blob, True), (bad, False)):
+        f = tmp_path / "f"
+        f.write_bytes(data)
+        with open(f, "rb") as fh:
+            view = _FileView(fh, 0, len(data))
+            guess = _guess_data_start(view.head)
+            assert guess is not None  # the head is the same: only the central directory differs
+            assert _confirm_guess(view, *guess) is expected
+
+
+def _many_tensors(n: int = 40) -> dict:
+    g = torch.Generator().manual_seed(1)
+    return {f"t{i}": torch.randn(17 + i, 3 + i % 5, generator=g).to(_DTYPES[i % 5]) for i in range(n)}
+
+
+@pytest.mark.parametrize("threads", [1, 3, 8])
+def test_reader_threads_fill_every_tensor_bitwise(tmp_path, threads):
+    sd = _many_tensors()
+    dcp.save(sd, storage_writer=FileSystemWriter(tmp_path), no_dist=True)
+    out = {k: torch.zeros_like(v) for k, v in sd.items()}
+    reader = DirectReader(tmp_path)
+    reader.read_threads = threads
+    dcp.load(out, storage_reader=reader, no_dist=True)
+    for k in sd:
+        assert torch.equal(out[k].view(-1).view(torch.uint8), sd[k].view(-1).view(torch.uint8)), k
+    assert (reader.direct_items, reader.fallback_items) == (40, 0)
+
+
+def test_a_wrong_guess_is_corrected_by_the_central_directory(tmp_path, monkeypatch):
+    """If the head-only guess points at the wrong bytes, the data is read again from where the
+    central directory says: the load stays bitwise right and direct."""
+    import prime_ckpt.loading as loading
+
+    real = loading._guess_data_start
+    monkeypatch.setattr(loading, "_guess_data_start", lambda head: (lambda g: g and (g[0], g[1] - 64))(real(head)))
+    sd = _many_tensors(12)
+    dcp.save(sd, storage_writer=FileSystemWriter(tmp_path), no_dist=True)
+    out = {k: torch.zeros_like(v) for k, v in sd.items()}
+    reader = DirectReader(tmp_path)
+    dcp.load(out, storage_reader=reader, no_dist=True)
+    for k in sd:
+        assert torch.equal(out[k].view(-1).view(torch.uint8), sd[k].view(-1).view(torch.uint8)), k
+    assert (reader.direct_items, reader.fallback_items) == (12, 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 1000), max_size=30), st.integers(1, 9))
+def test_split_contiguous_keeps_file_order_in_at_most_parts_runs(sizes, parts):
+    from prime_ckpt.loading import _split_contiguous
+
+    items = list(range(len(sizes)))
+    runs = _split_contiguous(items, sizes, parts)
+    assert [i for run in runs for i in run] == items
+    assert len(runs) <= parts
+    assert all(runs) or items == []

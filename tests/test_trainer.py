@@ -88,3 +88,66 @@ def test_stale_trainer_dir_replaced_but_an_empty_one_left_alone(tmp_path, run_ra
     res = run_ranks("stale_trainer_dir.py", str(tmp_path / "run"), timeout=120)
     assert "removed: ['step_1']" in res.stdout
     assert "step 1 files: ['.metadata', '__0_0.distcp', '__1_0.distcp']" in res.stdout
+
+
+def test_gc_paused_restores_the_collectors_state():
+    import gc
+
+    from prime_ckpt.trainer import gc_paused
+
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+        with gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the inner block does not re-enable for the outer one
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # a caller's own gc.disable() is kept
+    finally:
+        gc.enable()
+    with pytest.raises(ValueError), gc_paused():
+        raise ValueError
+    assert gc.isenabled()
+
+
+@pytest.mark.parametrize("save_async", [False, True])
+def test_save_and_load_run_with_the_collector_paused(tmp_path, save_async):
+    """The state is read (save) and written back (load) while the cyclic collector is paused, and
+    it runs again afterwards; one in-process gloo rank."""
+    import gc
+
+    import torch
+    import torch.distributed as dist
+
+    from prime_ckpt.config import CheckpointConfig
+    from prime_ckpt.trainer import Checkpointer, TrainerState
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = torch.nn.Linear(4, 3)
+        opt = torch.optim.AdamW(model.parameters())
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        state = TrainerState(model, opt)
+        seen: list[tuple[str, bool]] = []
+        real_sd, real_load = state.state_dict, state.load_state_dict
+        state.state_dict = lambda: (seen.append(("state_dict", gc.isenabled())), real_sd())[1]
+        state.load_state_dict = lambda sd: (seen.append(("load_state_dict", gc.isenabled())), real_load(sd))[1]
+        ck = Checkpointer(tmp_path, CheckpointConfig(interval=1, save_async=save_async))
+        ck.save(1, state)
+        assert gc.isenabled()
+        ck.flush()
+        want = {k: v.clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            model.weight.add_(1)
+        ck.load(1, state)
+        assert gc.isenabled()
+        ck.close()
+        assert seen == [("state_dict", False), ("state_dict", False), ("load_state_dict", False)]
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in want.items())
+    finally:
+        dist.destroy_process_group()
