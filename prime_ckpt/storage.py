@@ -20,7 +20,7 @@ therefore holds by *order*, with the completion mark of each part written last:
   ``COMPLETE``) are one PUT each (:func:`atomic_write`): a reader sees the old object, the new
   one or none, never a partial one;
 * ``trainer/`` goes through DCP's ``FsspecWriter`` (:func:`dcp_writer`): every rank uploads its
-  ``__<rank>_0.distcp`` (one object each, complete when its upload completes); only after every
+  ``__<rank>_<n>.distcp`` (one object each, complete when its upload completes); only after every
   rank reported success does the coordinator (rank 0) write ``.metadata`` (uploaded as
   ``.metadata.tmp`` and copied server-side to ``.metadata``). ``.metadata`` is the mark;
 * ``weights/step_<N>``: ``model.safetensors``, ``config.json``, ``manifest.json``, then
@@ -437,8 +437,9 @@ def _fsspec_dcp_class(name: str) -> type:
         return getattr(dcp, name)
 
 
-def dcp_writer(trainer_dir: AnyPath | str, storage_options: dict[str, Any] | None = None):
-    """The DCP ``StorageWriter`` for a checkpoint directory.
+def dcp_writer(trainer_dir: AnyPath | str, storage_options: dict[str, Any] | None = None, *, thread_count: int = 1):
+    """The DCP ``StorageWriter`` for a checkpoint directory; ``thread_count`` writer threads per
+    rank, each writing one file ``__<rank>_<n>.distcp`` (``n < thread_count``).
 
     Local: DCP's ``FileSystemWriter`` (fsync'd files, ``.metadata`` renamed into place last).
     Remote: DCP's ``FsspecWriter`` with the path's storage options; ``sync_files`` is off (an
@@ -449,8 +450,8 @@ def dcp_writer(trainer_dir: AnyPath | str, storage_options: dict[str, Any] | Non
     if not is_remote(path):
         from torch.distributed.checkpoint import FileSystemWriter
 
-        return FileSystemWriter(str(path))
-    return _fsspec_dcp_class("FsspecWriter")(str(path), sync_files=False, **storage_options_of(path))
+        return FileSystemWriter(str(path), thread_count=thread_count)
+    return _fsspec_dcp_class("FsspecWriter")(str(path), sync_files=False, thread_count=thread_count, **storage_options_of(path))
 
 
 def dcp_reader(trainer_dir: AnyPath | str, storage_options: dict[str, Any] | None = None):

@@ -543,7 +543,7 @@ class Checkpointer:
             record.bytes = local_tensor_bytes(sd)  # no collective on the blocking path
             t0 = time.perf_counter()
             try:
-                dcp.save(sd, storage_writer=dcp_writer(trainer_dir), process_group=self._pg)
+                dcp.save(sd, storage_writer=dcp_writer(trainer_dir, thread_count=self.config.write_threads), process_group=self._pg)
             except BaseException as e:  # DCP's CheckpointException is a BaseException
                 if isinstance(e, (KeyboardInterrupt, SystemExit)):
                     raise
@@ -560,7 +560,7 @@ class Checkpointer:
         t0 = time.perf_counter()
         result = dcp.async_save(
             sd,
-            storage_writer=dcp_writer(trainer_dir),
+            storage_writer=dcp_writer(trainer_dir, thread_count=self.config.write_threads),
             process_group=self._pg,
             async_stager=self._stager,
             async_checkpointer_type=AsyncCheckpointerType(self.async_mode),

@@ -151,3 +151,43 @@ def test_save_and_load_run_with_the_collector_paused(tmp_path, save_async):
         assert all(torch.equal(model.state_dict()[k], v) for k, v in want.items())
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("save_async", [False, True])
+def test_write_threads_write_one_file_each_and_load_back(tmp_path, save_async):
+    """``--ckpt.write-threads 2``: each rank writes two data files, the manifest covers both,
+    and the step loads back bitwise (one in-process gloo rank)."""
+    import torch
+    import torch.distributed as dist
+
+    from prime_ckpt.config import CheckpointConfig
+    from prime_ckpt.trainer import Checkpointer, TrainerState
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(4)])
+        opt = torch.optim.AdamW(model.parameters())
+        model(torch.randn(2, 16)).sum().backward()
+        opt.step()
+        state = TrainerState(model, opt)
+        ck = Checkpointer(tmp_path, CheckpointConfig(interval=1, save_async=save_async, write_threads=2))
+        ck.save(1, state)
+        ck.flush()
+        want = {k: v.clone() for k, v in model.state_dict().items()}
+        want_opt = [s["exp_avg"].clone() for s in opt.state.values()]
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1)
+            for s in opt.state.values():
+                s["exp_avg"].zero_()
+        ck.load(1, state)
+        ck.close()
+        trainer_dir = tmp_path / "checkpoints" / "step_1" / "trainer"
+        assert sorted(p.name for p in trainer_dir.glob("*.distcp")) == ["__0_0.distcp", "__0_1.distcp"]
+        report = verify_manifest(tmp_path / "checkpoints" / "step_1")
+        assert report.status == "ok" and {"trainer/__0_0.distcp", "trainer/__0_1.distcp"} <= {f["path"] for f in json.loads((tmp_path / "checkpoints" / "step_1" / "manifest.json").read_text())["files"]}
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in want.items())
+        assert all(torch.equal(s["exp_avg"], w) for s, w in zip(opt.state.values(), want_opt))
+    finally:
+        dist.destroy_process_group()
