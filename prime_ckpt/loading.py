@@ -24,10 +24,10 @@ How a tensor is found and read, in file order, so the file is read front to back
 1. the first 4 KiB of its blob are read; the pickle (the first zip entry) and the storage's
    local header are parsed from them: a *guess* at where the data starts;
 2. the data is read into the target at the guessed offset;
-3. the blob's last 4 KiB (the zip's central directory) are read and must *confirm* the guess
-   (:func:`_confirm_guess`, a lean check of exactly what is used); otherwise :mod:`zipfile`
-   parses the blob (:func:`_locate`) and the data is read again where it says, or the item goes
-   to DCP.
+3. the blob's last 4 KiB (the zip's central directory; already in hand for a blob of 8 KiB or
+   less) are read and must *confirm* the guess (:func:`_confirm_guess`, a lean check of exactly
+   what is used); otherwise :mod:`zipfile` parses the blob (:func:`_locate`) and, if the data is
+   elsewhere, it is read again from there; a blob neither accepts goes to DCP.
 
 A local file is read by :attr:`DirectReadMixin.read_threads` threads, each taking one contiguous
 run of items (``os.pread``: no shared file position); the planner is only touched on the calling
@@ -207,7 +207,12 @@ def _locate(f, offset: int, length: int, view: _FileView | None = None) -> tuple
         z = zipfile.ZipFile(io.BufferedReader(view))
     except zipfile.BadZipFile as e:
         raise _NotDirect(str(e)) from e
-    infos = {i.filename.split("/", 1)[-1]: i for i in z.infolist()}
+    names = [i.filename for i in z.infolist()]
+    if not names or "/" not in names[0] or len(set(names)) != len(names):
+        raise _NotDirect("no archive directory or duplicate names")
+    # torch.load's rule: the archive is the first entry's name up to its first "/"
+    archive = names[0].split("/", 1)[0] + "/"
+    infos = {i.filename[len(archive) :]: i for i in z.infolist() if i.filename.startswith(archive)}
     if "data.pkl" not in infos or infos.get("byteorder") is None:
         raise _NotDirect("not a torch.save zip")
     if z.read(infos["byteorder"]).strip() != b"little":
@@ -225,7 +230,10 @@ def _locate(f, offset: int, length: int, view: _FileView | None = None) -> tuple
     if len(header) != 30 or header[:4] != b"PK\x03\x04":
         raise _NotDirect("bad local header")
     name_len, extra_len = struct.unpack("<HH", bytes(header[26:30]))
-    return desc, offset + data.header_offset + 30 + name_len + extra_len
+    start = data.header_offset + 30 + name_len + extra_len
+    if start + data.file_size > length:
+        raise _NotDirect("storage runs past the blob")
+    return desc, offset + start
 
 
 def _guess_data_start(head: bytes) -> tuple[_Rebuilt, int] | None:
@@ -233,7 +241,8 @@ def _guess_data_start(head: bytes) -> tuple[_Rebuilt, int] | None:
     the data offset relative to the blob): the first zip entry is ``<archive>/data.pkl`` and the
     storage's local header follows within ``head``. ``None`` when the head does not look like
     that. A guess lets the data be read before the zip's central directory at the end of the
-    blob, so the file is read front to back; it is always checked against :func:`_locate`.
+    blob, so the file is read front to back; it is always checked, by :func:`_confirm_guess`
+    (and, where that cannot confirm it, by :func:`_locate`).
     """
     try:
         if head[:4] != b"PK\x03\x04":
@@ -270,8 +279,10 @@ def _confirm_guess(view: _FileView, desc: _Rebuilt, data_start: int) -> bool:
     read from exactly its recorded length, describes the same tensor; the byte order is
     ``little``; the storage entry is ``numel * itemsize`` bytes starting at ``data_start``.
 
-    ``False`` means "not confirmed here" (e.g. a zip64 archive, an archive comment, a central
-    directory outside the cached tail): the caller then parses the blob with :mod:`zipfile`
+    ``False`` means "not confirmed here" (e.g. sizes or offsets past 4 GiB, which zip64 records
+    hold; an archive comment; duplicate names; a central directory outside the cached tail;
+    an archive directory other than the first entry's, which is the one ``torch.load`` reads):
+    the caller then parses the blob with :mod:`zipfile`
     (:func:`_locate`), which handles every zip. A lean check instead of :mod:`zipfile` because it
     runs once per tensor: :mod:`zipfile` cost ~0.3 ms per blob, ~0.15 s of a 512 MiB load.
     """
@@ -285,20 +296,24 @@ def _confirm_guess(view: _FileView, desc: _Rebuilt, data_start: int) -> bool:
         cd = view.cached(cd_offset, cd_size)
         if cd is None:
             return False
-        entries: dict[bytes, tuple[int, int, int, int]] = {}
+        entries: dict[bytes, tuple[int, int, int, int, int]] = {}
+        first: bytes | None = None
         pos = 0
         for _ in range(n_total):
             f = _CENTRAL.unpack_from(cd, pos)
             if f[0] != b"PK\x01\x02":
                 return False
             name = cd[pos + _CENTRAL.size : pos + _CENTRAL.size + f[10]]
+            if name in entries:
+                return False  # duplicate names: left to zipfile/torch.load's own rules
+            first = name if first is None else first
             entries[name] = (f[3], f[4], f[8], f[9], f[16])  # flags, method, csize, usize, header offset
             pos += _CENTRAL.size + f[10] + f[11] + f[12]
         if pos != cd_size:
             return False
-        archive = next((n[: -len(b"data.pkl")] for n, e in entries.items() if n.endswith(b"/data.pkl") and e[4] == 0), None)
-        if archive is None:
+        if first is None or b"/" not in first:
             return False
+        archive = first[: first.index(b"/") + 1]  # torch.load's rule: the first entry's directory
 
         def content(name: bytes) -> tuple[int, bytes | None] | None:
             entry = entries.get(name)
@@ -326,7 +341,11 @@ def _confirm_guess(view: _FileView, desc: _Rebuilt, data_start: int) -> bool:
         if not isinstance(stored, _Rebuilt) or stored.key() != desc.key():
             return False
         flags, method, csize, usize, header_at = entries[archive + b"data/" + desc.storage.key.encode()]
-        return data[0] == data_start and usize == desc.storage.numel * desc.storage.dtype.itemsize
+        return (
+            data[0] == data_start
+            and usize == desc.storage.numel * desc.storage.dtype.itemsize
+            and data_start + usize <= view._length
+        )
     except Exception:  # noqa: BLE001 - not confirmed: the zipfile path decides
         return False
 
@@ -383,6 +402,22 @@ def _fileno(f) -> int | None:
         return None
 
 
+def _overlapping(targets: list[torch.Tensor]) -> set[int]:
+    """Indices of the ``targets`` whose bytes overlap another target's bytes (views of one
+    memory: tied weights); empty tensors overlap nothing."""
+    spans = sorted(
+        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), i) for i, t in enumerate(targets) if t.numel()
+    )
+    out: set[int] = set()
+    reach, reach_i = -1, -1
+    for start, stop, i in spans:
+        if start < reach:
+            out.update((i, reach_i))
+        if stop > reach:
+            reach, reach_i = stop, i
+    return out
+
+
 def _split_contiguous(items: list, sizes: list[int], parts: int) -> list[list]:
     """``items`` (in file order) cut into at most ``parts`` runs of consecutive items with about
     equal total ``sizes`` (bytes), so each reader thread reads one region of the file front to
@@ -423,7 +458,7 @@ class DirectReadMixin:
             path = self.fs.concat_path(self.path, relative_path)
             reqs = sorted(reqs, key=lambda r: self.storage_data[r.storage_index].offset)
             # targets are resolved (and later committed) on this thread: the planner is not
-            # thread-safe; reader threads only fill disjoint regions of memory that exists
+            # thread-safe; reader threads only fill memory that exists, no two the same bytes
             todo: list[tuple[ReadItem, torch.Tensor]] = []
             for req in reqs:
                 target = self._direct_target(req, planner)
@@ -436,9 +471,19 @@ class DirectReadMixin:
                 if fd is None or self.read_threads <= 1 or len(todo) < 2:
                     filled = [self._fill(f, req, target) for req, target in todo]
                 else:
-                    runs = _split_contiguous(todo, [self.storage_data[r.storage_index].length for r, _ in todo], self.read_threads)
-                    with ThreadPoolExecutor(len(runs), thread_name_prefix="prime-ckpt-read") as pool:
-                        filled = [ok for oks in pool.map(self._fill_run, [fd] * len(runs), runs) for ok in oks]
+                    # Targets that overlap another's memory (tied weights) are filled on this
+                    # thread, in file order, after the others: the last one in the file wins,
+                    # as on the single-threaded path, never a mix of both.
+                    shared = _overlapping([target for _, target in todo])
+                    alone = [i for i in range(len(todo)) if i not in shared]
+                    runs = _split_contiguous(alone, [self.storage_data[todo[i][0].storage_index].length for i in alone], self.read_threads)
+                    filled = [False] * len(todo)
+                    with ThreadPoolExecutor(max(1, len(runs)), thread_name_prefix="prime-ckpt-read") as pool:
+                        for run, oks in zip(runs, pool.map(self._fill_run, [fd] * len(runs), [[todo[i] for i in run] for run in runs])):
+                            for i, ok in zip(run, oks):
+                                filled[i] = ok
+                    for i in sorted(shared):
+                        filled[i] = self._fill(f, *todo[i])
             for (req, target), ok in zip(todo, filled):
                 if ok:
                     planner.commit_tensor(req, target)

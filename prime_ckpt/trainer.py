@@ -272,8 +272,9 @@ def gc_paused():
     the collector's thresholds it runs, and about once per load a full collection walks every
     object in the process: 0.15-0.18 s of a 1.1-1.8 s load measured at 1 GiB on 2 ranks
     (``benchmarks/``). Memory is still freed by reference counting inside the block; reference
-    cycles are collected once the collector resumes. Restores the collector's previous state
-    (so nesting and a caller's own ``gc.disable()`` are respected).
+    cycles are collected once the collector resumes. Restores the state the collector had on
+    entry (so nesting and a caller's earlier ``gc.disable()`` are respected; a ``gc.disable()``
+    made by another thread during the block is undone at its end).
     """
     was_enabled = gc.isenabled()
     gc.disable()
@@ -519,12 +520,12 @@ class Checkpointer:
         if self._closed:
             raise RuntimeError("Checkpointer.save() after close()")
         t_call = time.perf_counter()
-        with gc_paused():
-            return self._save(step, state, t_call)
-
-    def _save(self, step: int, state: TrainerState, t_call: float) -> SaveRecord:
-        self.wait()
+        self.wait()  # outside the pause: the previous upload may take a while
         wait_prev = time.perf_counter() - t_call
+        with gc_paused():
+            return self._save(step, state, t_call, wait_prev)
+
+    def _save(self, step: int, state: TrainerState, t_call: float, wait_prev: float) -> SaveRecord:
         trainer_dir = self.layout.trainer_dir(step)
         if _rank() == 0 and _has_files(trainer_dir):
             # A stale directory from an earlier run or a crashed save: never mix old and new files.

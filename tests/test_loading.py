@@ -12,6 +12,7 @@ import torch.distributed.checkpoint as dcp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.planner import LoadItemType
 
 from prime_ckpt.loading import DirectReadMixin, _byte_range, _FileView, _locate, _NotDirect
 
@@ -335,3 +336,121 @@ def test_split_contiguous_keeps_file_order_in_at_most_parts_runs(sizes, parts):
     assert [i for run in runs for i in run] == items
     assert len(runs) <= parts
     assert all(runs) or items == []
+
+
+def _entries(t: torch.Tensor) -> dict[str, bytes]:
+    z = zipfile.ZipFile(io.BytesIO(_blob(t)))
+    return {n.split("/", 1)[1]: z.read(n) for n in z.namelist()}
+
+
+def _zip(entries: list[tuple[str, bytes]]) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+        for name, data in entries:
+            z.writestr(name, data)
+    return out.getvalue()
+
+
+def _fill_from(tmp_path, blob: bytes, n: int, length: int | None = None) -> tuple[bool, torch.Tensor]:
+    """What the direct path does with ``blob`` (its first ``length`` bytes, default all, are the
+    stored item) as the stored tensor of ``n`` float32 values."""
+    import warnings
+
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.planner import ReadItem
+
+    f = tmp_path / "blob"
+    f.write_bytes(blob)
+
+    class Info:
+        offset, relative_path = 0, "blob"
+
+    Info.length = len(blob) if length is None else length
+
+    class Reader(DirectReadMixin):
+        storage_data = {0: Info}
+        path = str(tmp_path)
+
+    req = ReadItem(type=LoadItemType.TENSOR, dest_index=MetadataIndex("x"), dest_offsets=torch.Size([0]), storage_index=0,
+                   storage_offsets=torch.Size([0]), lengths=torch.Size([n]))
+    target = torch.full((n,), -1.0)
+    with open(f, "rb") as fh, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Reader()._fill(fh, req, target), target
+
+
+def test_the_archive_is_the_first_entrys_directory_as_for_torch_load(tmp_path):
+    """Two archives in one zip, the first entry in ``a/b/``: torch.load reads ``a/`` (the first
+    entry's name up to its first "/"); the direct path must read the same tensor or decline."""
+    ones, twos = _entries(torch.full((8,), 1.0)), _entries(torch.full((8,), 2.0))
+    blob = _zip([(p + k, e[k]) for p, e in (("a/b/", ones), ("a/", twos)) for k in ("data.pkl", "byteorder", "data/0", "version")])
+    assert torch.equal(torch.load(io.BytesIO(blob), weights_only=True), torch.full((8,), 2.0))
+    ok, got = _fill_from(tmp_path, blob, 8)
+    assert not ok or torch.equal(got, torch.full((8,), 2.0))
+
+
+def test_duplicate_names_are_declined(tmp_path):
+    e = _entries(torch.zeros(8))
+    blob = _zip([("archive/data.pkl", e["data.pkl"]), ("archive/byteorder", e["byteorder"]),
+                 ("archive/data/0", torch.full((8,), 1.0).numpy().tobytes()), ("archive/version", e["version"]),
+                 ("archive/data/0", torch.full((8,), 2.0).numpy().tobytes())])
+    ok, _ = _fill_from(tmp_path, blob, 8)
+    assert not ok  # DCP's own path (torch.load) decides which entry counts
+
+
+def test_a_storage_that_runs_past_the_blob_is_declined(tmp_path):
+    """The central directory says the storage is the tensor's 1024 bytes, but the blob ends
+    first (its last entry holds 16): the bytes after the blob belong to the next one, so the
+    direct path must not read them as this tensor (torch.load refuses the blob too)."""
+    import struct
+
+    e = _entries(torch.zeros(256))
+    blob = bytearray(_zip([("archive/" + k, v) for k, v in (("data.pkl", e["data.pkl"]), ("byteorder", e["byteorder"]),
+                                                            ("version", e["version"]), ("data/0", b"\0" * 16))]))
+    cd = blob.rindex(b"PK\x01\x02")  # the last central directory entry: data/0
+    struct.pack_into("<II", blob, cd + 20, 1024, 1024)  # compressed, uncompressed size
+    with pytest.raises(Exception):
+        torch.load(io.BytesIO(bytes(blob)), weights_only=True)
+    ok, _ = _fill_from(tmp_path, bytes(blob) + torch.arange(1000, dtype=torch.float32).numpy().tobytes(), 256, length=len(blob))
+    assert not ok
+
+
+def test_tied_targets_get_the_last_stored_value_whatever_the_thread_timing(tmp_path, monkeypatch):
+    """Two stored tensors loaded into one target (tied weights): the one later in the file wins,
+    as on DCP's path, even if the reader thread of the earlier one is slow."""
+    import threading
+    import time
+
+    import prime_ckpt.loading as loading
+
+    n = 1 << 16
+    pads = [f"pad{i}" for i in range(6)]
+    # file order a, pads, z: with 4 threads, a and z land in different runs
+    dcp.save({"a": torch.zeros(n), **{p: torch.full((n,), 3.0) for p in pads}, "z": torch.ones(n)},
+             storage_writer=FileSystemWriter(tmp_path), no_dist=True)
+    real = loading.DirectReadMixin._read_into
+
+    def slow_first_thread(self, f, target, at, nbytes, info):
+        if threading.current_thread().name.endswith("_0"):
+            time.sleep(0.05)
+        return real(self, f, target, at, nbytes, info)
+
+    monkeypatch.setattr(loading.DirectReadMixin, "_read_into", slow_first_thread)
+    tied = torch.full((n,), -1.0)
+    out = {"a": tied, **{p: torch.zeros(n) for p in pads}, "z": tied}
+    shared = torch.zeros(n)
+    theirs = {"a": shared, **{p: torch.zeros(n) for p in pads}, "z": shared}
+    reader = DirectReader(tmp_path)
+    reader.read_threads = 4
+    dcp.load(out, storage_reader=reader, no_dist=True)
+    dcp.load(theirs, storage_reader=FileSystemReader(tmp_path), no_dist=True)
+    assert torch.equal(tied, shared) and torch.equal(tied, torch.ones(n))
+    assert (reader.direct_items, reader.fallback_items) == (8, 0)
+
+
+def test_overlapping_finds_views_of_the_same_bytes():
+    from prime_ckpt.loading import _overlapping
+
+    base = torch.zeros(100)
+    targets = [base[0:10], base[10:20], base[15:30], torch.zeros(5), base, base[50:50]]
+    assert _overlapping(targets) == {0, 1, 2, 4}
