@@ -409,7 +409,7 @@ def test_a_storage_that_runs_past_the_blob_is_declined(tmp_path):
                                                             ("version", e["version"]), ("data/0", b"\0" * 16))]))
     cd = blob.rindex(b"PK\x01\x02")  # the last central directory entry: data/0
     struct.pack_into("<II", blob, cd + 20, 1024, 1024)  # compressed, uncompressed size
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError):
         torch.load(io.BytesIO(bytes(blob)), weights_only=True)
     ok, _ = _fill_from(tmp_path, bytes(blob) + torch.arange(1000, dtype=torch.float32).numpy().tobytes(), 256, length=len(blob))
     assert not ok
