@@ -368,8 +368,8 @@ def _fill_from(tmp_path, blob: bytes, n: int, length: int | None = None) -> tupl
     Info.length = len(blob) if length is None else length
 
     class Reader(DirectReadMixin):
-        storage_data = {0: Info}
-        path = str(tmp_path)
+        def __init__(self) -> None:
+            self.storage_data, self.path = {0: Info}, str(tmp_path)
 
     req = ReadItem(type=LoadItemType.TENSOR, dest_index=MetadataIndex("x"), dest_offsets=torch.Size([0]), storage_index=0,
                    storage_offsets=torch.Size([0]), lengths=torch.Size([n]))
