@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rss-size", default=None, help="state size of the RSS checks (default: largest size <= 1G)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per world size before its ranks are killed")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--merge", default=None, metavar="A.json,B.json",
+                   help="measure nothing: merge result files of launches over disjoint world sizes into --name "
+                        "(records and extras side by side, targets recomputed, each launch listed)")
     # internal: set by the launcher for the torchrun workers
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--s3-endpoint", default=None, help=argparse.SUPPRESS)
@@ -117,6 +120,7 @@ class Settings:
     plot: bool
     worker_out: str | None
     s3_endpoint: str | None
+    merge: list[Path] | None = None
 
 
 def settings_from_args(argv: list[str] | None = None) -> Settings:
@@ -142,6 +146,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         plot=not a.no_plot,
         worker_out=a.worker_out,
         s3_endpoint=a.s3_endpoint,
+        merge=[Path(m) for m in a.merge.split(",") if m] if a.merge else None,
     )
 
 
@@ -1104,6 +1109,16 @@ def markdown(result: dict[str, Any]) -> str:
             f"torch {env['torch']}, {env['cpu_count']} CPUs, device {env['device']}, "
             f"{result['settings']['reps']} reps after a warm-up (median (min–max), seconds; max over ranks). "
             f"Run at {result['created']} in {result['wall_s']:.0f} s."
+            if "launches" not in result["settings"]
+            else "Merged from launches over disjoint world sizes (every ratio compares cases measured side by side "
+            "within one launch): "
+            + "; ".join(
+                f"world size {','.join(map(str, la['world_sizes']))} at {la['created']} in {la['wall_s']:.0f} s "
+                f"(sizes {', '.join(fmt_size(x) for x in la['sizes'])}, S3 up to "
+                f"{fmt_size(la['s3_max_size']) if la.get('s3') else 'none'})"
+                for la in result["settings"]["launches"]
+            )
+            + "."
         ),
         "",
         (
@@ -1242,6 +1257,59 @@ def launcher(s: Settings, argv: list[str]) -> Path:
     return base
 
 
+def merge_results(paths: list[Path], name: str) -> dict[str, Any]:
+    """One result from the result files of several launches that ran disjoint world sizes (e.g.
+    world size 1 with S3 up to 1 GiB and world size 2 with S3 up to 256 MiB, which together would
+    not fit one launch's time limit). Records and per-world-size extras are taken as they are;
+    targets are recomputed from them. ``settings.launches`` lists every launch's settings,
+    creation time and wall time.
+
+    Raises:
+        SystemExit: a file is not a result, or two files ran the same world size (one line).
+    """
+    parts = []
+    for path in paths:
+        try:
+            part = json.loads(Path(path).read_text())
+            part["settings"]["world_sizes"], part["records"], part["extras"]  # noqa: B018 - schema check
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"--merge {path}: not a results file ({type(e).__name__}: {e})") from e
+        parts.append(part)
+    seen: dict[int, Path] = {}
+    for path, part in zip(paths, parts):
+        for ws in part["settings"]["world_sizes"]:
+            if ws in seen:
+                raise SystemExit(f"--merge {path}: world size {ws} is also in {seen[ws]}; merge launches of disjoint world sizes")
+            seen[ws] = path
+    world_sizes = sorted(seen)
+    records = [r for part in parts for r in part["records"]]
+    extras = {int(k): v for part in parts for k, v in part["extras"].items()}
+    sizes = sorted({sz for part in parts for sz in part["settings"]["sizes"]})
+    first = parts[0]["settings"]
+    result: dict[str, Any] = {
+        "name": name,
+        "created": max(part["created"] for part in parts),
+        "wall_s": sum(part["wall_s"] for part in parts),
+        "environment": parts[0]["environment"],
+        "settings": {
+            **first,
+            "sizes": sizes,
+            "world_sizes": world_sizes,
+            "reps": min(part["settings"]["reps"] for part in parts),
+            "launches": [
+                {"file": Path(path).name, "created": part["created"], "wall_s": part["wall_s"], **part["settings"]}
+                for path, part in zip(paths, parts)
+            ],
+        },
+        "errors": [e for part in parts for e in part["errors"]],
+        "records": records,
+        "extras": {str(k): v for k, v in sorted(extras.items())},
+        "targets": compute_targets(records, extras, world_sizes, sizes) if records else {},
+    }
+    explain(result)
+    return result
+
+
 def explain(result: dict[str, Any]) -> None:
     """Attach a one-line 'why' (with the measurement) to each target that does not hold."""
     t = result["targets"]
@@ -1297,6 +1365,16 @@ class _Null:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     s = settings_from_args(argv)
+    if s.merge:
+        result = merge_results(s.merge, s.name)
+        base = s.results_dir / s.name
+        base.parent.mkdir(parents=True, exist_ok=True)
+        base.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        base.with_suffix(".md").write_text(markdown(result))
+        if s.plot and result["records"]:
+            plot(result, base.with_suffix(".png"))
+        print(markdown(result))
+        return
     if s.worker_out is not None:
         Worker(s).main()
         return

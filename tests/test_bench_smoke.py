@@ -72,3 +72,26 @@ def test_quick_benchmark_writes_results_with_schema(tmp_path):
     assert targets["rss_drift_20_saves"]["value"] == rss["drift"]
     assert 0 <= rss["drift_train_only"] < 1 and 0 <= rss["drift_train_and_save"] < 1
     assert rss["rss_before_bytes"] == max(rss["rss_train_only_bytes"])
+
+    # --merge: the same launch relabelled as world size 2, merged with the original, gives both
+    # world sizes side by side, and the targets of the reference (largest) world size, which
+    # are this launch's own; a world size in two files is refused with a one-line error
+    ws2 = json.loads(json.dumps(result))
+    ws2["settings"]["world_sizes"] = [2]
+    for r in ws2["records"]:
+        r["world_size"] = 2
+    ws2["extras"] = {"2": ws2["extras"]["1"]}
+    (tmp_path / "ws2.json").write_text(json.dumps(ws2))
+    run_proc([sys.executable, str(SCRIPT), "--merge", f"{tmp_path / 'smoke.json'},{tmp_path / 'ws2.json'}",
+              "--name", "merged", "--results-dir", str(tmp_path), "--no-plot"], timeout=120)
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert merged["settings"]["world_sizes"] == [1, 2]
+    assert len(merged["records"]) == 2 * len(result["records"])
+    assert [la["file"] for la in merged["settings"]["launches"]] == ["smoke.json", "ws2.json"]
+    for name in TARGETS:
+        assert merged["targets"][name]["value"] == pytest.approx(result["targets"][name]["value"]), name
+    assert "Merged from launches" in (tmp_path / "merged.md").read_text()
+    dup = run_proc([sys.executable, str(SCRIPT), "--merge", f"{tmp_path / 'smoke.json'},{tmp_path / 'smoke.json'}",
+                    "--results-dir", str(tmp_path)], timeout=120, check=False)
+    said = (dup.stdout or "") + (dup.stderr or "")
+    assert dup.returncode == 1 and "world size 1 is also in" in said and said.count("\n") == 1, said
