@@ -1108,9 +1108,10 @@ def markdown(result: dict[str, Any]) -> str:
         (
             f"torch {env['torch']}, {env['cpu_count']} CPUs, device {env['device']}, "
             f"{result['settings']['reps']} reps after a warm-up (median (min–max), seconds; max over ranks). "
-            f"Run at {result['created']} in {result['wall_s']:.0f} s."
-            if "launches" not in result["settings"]
-            else "Merged from launches over disjoint world sizes (every ratio compares cases measured side by side "
+            + (
+                f"Run at {result['created']} in {result['wall_s']:.0f} s."
+                if "launches" not in result["settings"]
+                else "Merged from launches over disjoint world sizes (every ratio compares cases measured side by side "
             "within one launch): "
             + "; ".join(
                 f"world size {','.join(map(str, la['world_sizes']))} at {la['created']} in {la['wall_s']:.0f} s "
@@ -1119,6 +1120,7 @@ def markdown(result: dict[str, Any]) -> str:
                 for la in result["settings"]["launches"]
             )
             + "."
+            )
         ),
         "",
         (

@@ -90,7 +90,7 @@ def test_quick_benchmark_writes_results_with_schema(tmp_path):
     assert [la["file"] for la in merged["settings"]["launches"]] == ["smoke.json", "ws2.json"]
     for name in TARGETS:
         assert merged["targets"][name]["value"] == pytest.approx(result["targets"][name]["value"]), name
-    assert "Merged from launches" in (tmp_path / "merged.md").read_text()
+    assert "reps after a warm-up" in (tmp_path / "merged.md").read_text() and "Merged from launches" in (tmp_path / "merged.md").read_text()
     dup = run_proc([sys.executable, str(SCRIPT), "--merge", f"{tmp_path / 'smoke.json'},{tmp_path / 'smoke.json'}",
                     "--results-dir", str(tmp_path)], timeout=120, check=False)
     said = (dup.stdout or "") + (dup.stderr or "")
