@@ -54,7 +54,7 @@ class CheckpointConfig(BaseModel):
     """Seconds a checkpoint collective waits for the other ranks; past it the save fails on every rank."""
 
     write_threads: int = Field(1, ge=1, le=64)
-    """Writer threads per rank, each writing its own file (`__<rank>_<n>.distcp`); 2 roughly halved a 1 GiB save on one rank with 2 spare cores (benchmarks/)."""
+    """Writer threads per rank (1-64), each writing its own file (`__<rank>_<n>.distcp`); on a 2-CPU machine `dcp.save` of 1 GiB on one rank took 2.69 s with 1 thread, 1.21 s with 2 (benchmarks/)."""
 
 
 class StorageConfig(BaseModel):

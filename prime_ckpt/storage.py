@@ -480,8 +480,9 @@ def _safe_fsspec_reader() -> type:
     remote twin of ``SafeFileSystemReader``) and the direct read path of
     :mod:`prime_ckpt.loading`: DCP's own path runs ``torch.load`` on a slice of the remote file
     for every tensor, whose zip parsing seeks back and forth and makes the fsspec file re-fetch
-    blocks; the direct path reads each tensor's header (first and last 4 KiB of its blob) and
-    then its bytes, in order, through the file's read-ahead cache."""
+    blocks; the direct path reads each tensor's first 4 KiB, its bytes, then its last 4 KiB (the
+    zip directory that confirms where the bytes were), in file order, through the file's
+    read-ahead cache."""
     from prime_ckpt.loading import DirectReadMixin
 
     base = _fsspec_dcp_class("FsspecReader")

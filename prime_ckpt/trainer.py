@@ -1,7 +1,7 @@
 """Trainer checkpointing: the ``Stateful`` app state, DCP save/load and the async lifecycle.
 
-``checkpoints/step_<N>/trainer/`` is a DCP directory (``.metadata`` + one ``__<rank>_<n>.distcp``
-per rank). What is saved, under these top-level keys of the DCP state dict::
+``checkpoints/step_<N>/trainer/`` is a DCP directory (``.metadata`` + ``__<rank>_<n>.distcp`` files,
+one per rank and writer thread, ``write_threads``). What is saved, under these top-level keys of the DCP state dict::
 
     app.model          FSDP2 / DTensor model state dict (sharded; get_state_dict)
     app.optimizer      state of every optimizer (sharded; get_state_dict)

@@ -209,8 +209,8 @@ def test_trainer_metadata_is_read_safely(root, capsys):
 
 
 def test_remote_load_reads_tensors_directly_and_bitwise(root):
-    """``dcp_reader`` on a remote path takes the direct read path for plain tensors (one ranged
-    read each instead of torch.load on a slice of the remote file) and loads bitwise what was
+    """``dcp_reader`` on a remote path takes the direct read path for plain tensors (head, data,
+    then tail, in file order, instead of torch.load on a slice of the remote file) and loads bitwise what was
     saved; a non-contiguous saved tensor still goes through DCP's own path."""
     import torch
     import torch.distributed.checkpoint as dcp
