@@ -57,8 +57,8 @@ class Args(CliSettings):
 def gate_step_2(gate: Path, rank: int) -> None:
     real_factory = trainer_mod.dcp_writer
 
-    def factory(path, storage_options=None):
-        writer = real_factory(path, storage_options)
+    def factory(path, storage_options=None, **kwargs):
+        writer = real_factory(path, storage_options, **kwargs)
         if str(path).endswith("/step_2/trainer"):
             real_write = writer.write_data
 
