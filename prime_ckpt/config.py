@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
@@ -55,6 +55,21 @@ class CheckpointConfig(BaseModel):
 
     write_threads: int = Field(1, ge=1, le=64)
     """Writer threads per rank (1-64), each writing its own file (`__<rank>_<n>.distcp`); on a 2-CPU machine `dcp.save` of 1 GiB on one rank took 2.69 s with 1 thread, 1.21 s with 2 (benchmarks/)."""
+
+
+class WeightsConfig(BaseModel):
+    """Per-step weights publishing (``--weights.*``): ``weights/step_<N>/`` for the inference side."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    save_async: bool = True
+    """Publish in the background on a dedicated gloo process group (the step pays only for staging the local shards); false writes before the step goes on (same files)."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """Dtype of the published floating-point weights (e.g. bfloat16 from fp32 master weights); None keeps the parameters' dtype."""
+
+    timeout: float = Field(300.0, gt=0)
+    """Seconds a publish collective waits for the other ranks; past it the publish fails on every rank."""
 
 
 class StorageConfig(BaseModel):

@@ -97,6 +97,8 @@ class TensorSource:
     non_tensors: list[str] = field(default_factory=list)
     prefix: str = ""
     _metadata: Metadata | None = None
+    #: weights only: tensor name -> the safetensors file holding it (sharded weights dirs)
+    files: dict[str, Path] = field(default_factory=dict)
 
     def load(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """Load the named tensors (CPU, full/unsharded, original dtype)."""
@@ -104,8 +106,14 @@ class TensorSource:
         if self.kind == "weights":
             from safetensors import safe_open
 
-            with safe_open(str(self.path), framework="pt") as f:
-                return {n: f.get_tensor(n) for n in names}
+            out: dict[str, torch.Tensor] = {}
+            by_file: dict[Path, list[str]] = {}
+            for n in names:
+                by_file.setdefault(self.files.get(n, self.path), []).append(n)
+            for file, group in by_file.items():
+                with safe_open(str(file), framework="pt") as f:
+                    out.update({n: f.get_tensor(n) for n in group})
+            return {n: out[n] for n in names}
         sd = {self.prefix + n: torch.empty(self.tensors[n].shape, dtype=self.tensors[n].dtype) for n in names}
         _dcp_load(self.path, self._metadata, sd, SafeLoadPlanner())
         return {n: sd[self.prefix + n] for n in names}
@@ -157,13 +165,18 @@ class _CachedReader(SafeFileSystemReader):
 
 
 # -- readers ----------------------------------------------------------------------------------
-def _safetensors_file(path: Path) -> Path | None:
-    from prime_ckpt.weights import MODEL_FILE
+def _safetensors_files(path: Path) -> list[Path] | None:
+    """The safetensors file(s) ``path`` names: itself, or a weights step dir's shards (both
+    layouts, :func:`prime_ckpt.layout.weights_files`); None if it is neither."""
+    from prime_ckpt.layout import MODEL_FILE, SAFETENSORS_INDEX_FILE, weights_files
 
     if path.is_file() and path.suffix == ".safetensors":
-        return path
-    if path.is_dir() and (path / MODEL_FILE).is_file():
-        return path / MODEL_FILE
+        return [path]
+    if path.is_dir() and ((path / MODEL_FILE).is_file() or (path / SAFETENSORS_INDEX_FILE).is_file()):
+        try:
+            return [Path(p) for p in weights_files(path)]
+        except ValueError as e:
+            raise ConvertError(str(e)) from None
     return None
 
 
@@ -231,11 +244,23 @@ def open_source(path: Path | str, *, model_only: bool = False) -> TensorSource:
     path = Path(path)
     if not path.exists():
         raise ConvertError(f"{path}: no such file or directory")
-    st = _safetensors_file(path)
-    if st is not None:
+    shards = _safetensors_files(path)
+    if shards is not None:
         if path.is_dir() and not (path / WEIGHTS_MARKER).is_file():
             raise ConvertError(f"{path}: no {WEIGHTS_MARKER} marker (weights not finished?)")
-        return open_safetensors(st)
+        if len(shards) == 1:
+            return open_safetensors(shards[0])
+        tensors: dict[str, TensorInfo] = {}
+        files: dict[str, Path] = {}
+        for shard in shards:
+            if not shard.is_file():
+                raise ConvertError(f"{shard}: missing (named by the weights index)")
+            part = open_safetensors(shard)
+            for name, info in part.tensors.items():
+                if name in tensors:
+                    raise ConvertError(f"{shard}: tensor {name!r} is also in {files[name].name}")
+                tensors[name], files[name] = info, shard
+        return TensorSource("weights", path, dict(sorted(tensors.items())), files=files)
     trainer_dir = dcp_dir_of(path)
     if trainer_dir is not None:
         return open_dcp(trainer_dir, model_only=model_only)

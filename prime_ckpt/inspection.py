@@ -54,6 +54,7 @@ from prime_ckpt.layout import (
     scan_weights,
     trainer_part_complete,
     weights_complete,
+    weights_files,
 )
 from prime_ckpt.orchestrator import ProgressRecordError, load_progress
 from prime_ckpt.storage import AnyPath, is_remote, refresh, remote_errors, to_path
@@ -415,13 +416,22 @@ def describe_weights_step(step_dir: AnyPath | str, name_filter: str | None = Non
     if not complete:
         problems.append(f"{step_dir}: no {WEIGHTS_MARKER} marker (weights not finished?)")
     tensors: list[TensorEntry] | None = None
-    model = step_dir / MODEL_FILE
     sizes = {f["name"]: f["size"] for f in files}
-    has_model = (MODEL_FILE in sizes) if is_remote(step_dir) else model.is_file()
-    if has_model:
-        tensors = _safetensors_tensors(model, sizes.get(MODEL_FILE), name_filter, problems)
-    elif complete:
-        problems.append(f"{model}: missing")
+    try:
+        shard_files = weights_files(step_dir)
+    except ValueError as e:  # an unreadable index: one line, names it
+        problems.append(str(e))
+        shard_files = []
+    for model in shard_files:
+        if model.name not in sizes:
+            if complete:
+                problems.append(f"{model}: missing")
+            continue
+        found = _safetensors_tensors(model, sizes.get(model.name), name_filter, problems)
+        if found is not None:
+            tensors = sorted((tensors or []) + found, key=lambda t: t.name)
+    if not shard_files and complete:
+        problems.append(f"{step_dir / MODEL_FILE}: missing")
     return WeightsStepInfo(
         kind="weights_step",
         path=str(step_dir),

@@ -5,7 +5,10 @@ Layout (see ``shared/DESIGN.md``)::
     <output_dir>/
     ├── checkpoints/step_<N>/trainer/         DCP dir: .metadata + __<rank>_<n>.distcp
     ├── checkpoints/step_<N>/orchestrator.pt  orchestrator progress record
-    └── weights/step_<N>/                     model.safetensors + config.json, then COMPLETE
+    └── weights/step_<N>/                     Hugging Face model dir: model-0000i-of-0000n.safetensors,
+                                              model.safetensors.index.json, config.json, tokenizer
+                                              files, manifest.json, then COMPLETE (older runs:
+                                              one model.safetensors)
 
 Rules kept here and nowhere else:
 
@@ -46,8 +49,10 @@ ORCHESTRATOR_PART = "orchestrator"
 ORCHESTRATOR_FILE = "orchestrator.pt"
 DCP_METADATA_FILE = ".metadata"
 WEIGHTS_MARKER = "COMPLETE"
-MODEL_FILE = "model.safetensors"  # in weights/step_<N>/
-CONFIG_FILE = "config.json"  # in weights/step_<N>/
+MODEL_FILE = "model.safetensors"  # in weights/step_<N>/ of runs before sharded publishing
+SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"  # in weights/step_<N>/: tensor name -> shard file
+CONFIG_FILE = "config.json"  # in weights/step_<N>/ (the model's Hugging Face config)
+GENERATION_CONFIG_FILE = "generation_config.json"  # in weights/step_<N>/, when the model has one
 SAVE_INFO_FILE = "save_info.json"
 MANIFEST_FILE = "manifest.json"
 
@@ -69,6 +74,14 @@ def parse_step(name: str) -> int | None:
     """
     match = _STEP_RE.match(name)
     return int(match.group(1)) if match else None
+
+
+def shard_file_name(index: int, count: int) -> str:
+    """Hugging Face's name of shard ``index`` (1-based) of ``count``:
+    ``model-00001-of-00002.safetensors``."""
+    if not 1 <= index <= count:
+        raise ValueError(f"shard index {index} not in 1..{count}")
+    return f"model-{index:05d}-of-{count:05d}.safetensors"
 
 
 def step_dirname(step: int) -> str:
@@ -130,6 +143,38 @@ def orchestrator_part_complete(path: AnyPath | str) -> bool:
 def weights_complete(weights_step_dir: AnyPath | str) -> bool:
     """True iff ``weights/step_<N>/COMPLETE`` exists (written after the data is durable)."""
     return _fresh_is_file(to_path(weights_step_dir) / WEIGHTS_MARKER)
+
+
+def weights_files(weights_step_dir: AnyPath | str) -> list[AnyPath]:
+    """The safetensors files of a weights step, in order.
+
+    The shards ``model.safetensors.index.json`` names (sharded layout, what
+    :class:`prime_ckpt.publisher.WeightsPublisher` writes), else ``model.safetensors`` (the
+    single-file layout of older runs), else every ``*.safetensors`` in the directory. Files are
+    not checked for existence here.
+
+    Raises:
+        ValueError: the index is not JSON with a ``weight_map`` of plain ``*.safetensors`` file
+            names (one line naming the index).
+    """
+    import json
+
+    step_dir = to_path(weights_step_dir)
+    index = step_dir / SAFETENSORS_INDEX_FILE
+    refresh(step_dir)
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_bytes())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{index}: not a safetensors index (no weight_map of tensor -> file)") from None
+        bad = [n for n in names if not isinstance(n, str) or "/" in n or "\\" in n or n.startswith(".") or not n.endswith(".safetensors")]
+        if bad:
+            raise ValueError(f"{index}: weight_map names {bad[0]!r}, not a .safetensors file in this directory")
+        return [step_dir / n for n in names]
+    if (step_dir / MODEL_FILE).is_file():
+        return [step_dir / MODEL_FILE]
+    return sorted(step_dir.glob("*.safetensors"), key=lambda p: p.name) if step_dir.is_dir() else []
 
 
 @dataclass(frozen=True)

@@ -195,19 +195,27 @@ def write_manifest(step_dir: AnyPath | str, on_bytes: OnBytes | None = None) -> 
     for rel in files:
         size, digest = hash_file(step_dir / rel, on_bytes)
         entries.append({"path": rel, "size": size, ALGORITHM: digest})
+    path = step_dir / MANIFEST_FILE
+    atomic_write_bytes(path, build_manifest(kind, step_dir, entries, parts))
+    return path
+
+
+def build_manifest(kind: str, step_dir: AnyPath | str, entries: list[dict[str, Any]], parts: list[str] | None = None) -> bytes:
+    """The bytes of a ``manifest.json`` over ``entries`` (``{"path", "size", "xxh3_64"}`` each,
+    already hashed: the weights publisher hashes each shard while writing it, so nothing is read
+    twice). ``kind`` is ``"checkpoint"`` or ``"weights"``; ``parts`` defaults to ``["weights"]``
+    for weights."""
     manifest = {
         "schema": SCHEMA,
         "kind": kind,
-        "step": parse_step(step_dir.name),
+        "step": parse_step(to_path(step_dir).name),
         "algorithm": ALGORITHM,
-        "parts": parts,
+        "parts": parts if parts is not None else [WEIGHTS_PART],
         "created_at": time.time(),
         "total_bytes": sum(e["size"] for e in entries),
         "files": entries,
     }
-    path = step_dir / MANIFEST_FILE
-    atomic_write_bytes(path, (json.dumps(manifest, indent=1) + "\n").encode())
-    return path
+    return (json.dumps(manifest, indent=1) + "\n").encode()
 
 
 def read_manifest(step_dir: AnyPath | str) -> dict[str, Any] | None:
@@ -400,9 +408,14 @@ def safetensors_header(path: AnyPath) -> tuple[dict[str, Any], int]:
 
 
 def _check_weights(step_dir: AnyPath, problems: list[str]) -> None:
-    from prime_ckpt.layout import MODEL_FILE
+    from prime_ckpt.layout import MODEL_FILE, weights_files
 
-    for p in sorted(step_dir.glob("*.safetensors")) or [step_dir / MODEL_FILE]:
+    try:
+        files = weights_files(step_dir)
+    except ValueError as e:
+        problems.append(str(e))
+        return
+    for p in files or [step_dir / MODEL_FILE]:
         if not p.is_file():
             problems.append(f"{p}: missing")
             continue

@@ -39,6 +39,10 @@ class ReusedBufferStager:
             CUDA is available.
         share_memory: allocate the buffers in shared memory (what a process-mode writer needs;
             otherwise torch moves them there on the first save, in the background).
+        dtype: stage floating-point tensors in this dtype (the copy casts, rounding to nearest
+            even as ``Tensor.to`` does: e.g. bf16 export weights from fp32 master weights, half
+            the staged bytes); None keeps each tensor's dtype. Integer and bool tensors keep
+            theirs.
 
     The buffers are keyed by the source tensor's storage (weakly: a storage that goes away
     takes its buffers with it) and by the view's offset, shape, stride and dtype; a view that
@@ -51,9 +55,10 @@ class ReusedBufferStager:
     for the previous save first.
     """
 
-    def __init__(self, pin_memory: bool | None = None, share_memory: bool = False) -> None:
+    def __init__(self, pin_memory: bool | None = None, share_memory: bool = False, dtype: torch.dtype | None = None) -> None:
         self._pin = torch.cuda.is_available() if pin_memory is None else bool(pin_memory and torch.cuda.is_available())
         self._share = share_memory
+        self._dtype = dtype
         # source storage -> {(offset, shape, stride, dtype): staging tensor}
         self._buffers: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._device_copies = False
@@ -128,10 +133,11 @@ class ReusedBufferStager:
         if views is None:
             views = {}
             self._buffers[storage] = views
-        vkey = (t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        dtype = self._dtype if self._dtype is not None and t.is_floating_point() else t.dtype
+        vkey = (t.storage_offset(), tuple(t.shape), tuple(t.stride()), dtype)
         buf = views.get(vkey)
         if buf is None:
-            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self._pin)
+            buf = torch.empty(t.shape, dtype=dtype, device="cpu", pin_memory=self._pin)
             if self._share:
                 buf.share_memory_()
             views[vkey] = buf

@@ -251,6 +251,34 @@ def atomic_write(path: AnyPath | str, write: Callable[[BinaryIO], None]) -> None
     fsync_dir(path.parent)
 
 
+def atomic_write_streamed(path: AnyPath | str, write: Callable[[BinaryIO], None]) -> None:
+    """:func:`atomic_write` for large files, never held in memory whole.
+
+    Local: exactly :func:`atomic_write` (temp file, fsync, rename, fsync(dir); the file gets
+    the usual mode, 0644 under the common umask 022). Remote: ``write`` streams into an fsspec
+    file opened for writing (multipart upload on S3); the object appears, whole, when the
+    upload completes at close. If ``write`` raises, the upload is discarded (nothing appears)
+    and the error re-raised.
+    """
+    path = to_path(path)
+    if not is_remote(path):
+        atomic_write(path, write)
+        return
+    with remote_errors(path):
+        f = path.fs.open(path.path, "wb")
+        try:
+            write(f)
+        except BaseException:
+            discard = getattr(f, "discard", None)
+            if discard is not None:
+                discard()
+            else:  # pragma: no cover - every fsspec buffered file has discard()
+                f.close()
+                path.fs.rm_file(path.path)
+            raise
+        f.close()
+
+
 def atomic_write_bytes(path: AnyPath | str, data: bytes) -> None:
     """:func:`atomic_write` of a bytes payload."""
     atomic_write(path, lambda f: f.write(data))

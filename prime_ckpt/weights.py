@@ -1,9 +1,12 @@
-"""Inference weight checkpoints: ``weights/step_<N>/``.
+"""Inference weights ``weights/step_<N>/``: the readers, and the gather-to-rank-0 writer.
 
-Each step directory holds the full (gathered, unsharded) model state dict in
-``model.safetensors`` plus a small ``config.json``, then the ``COMPLETE`` marker, written last
-and only after both files are fsync'd. A reader (the orchestrator / inference side) treats a
-directory without the marker as not there yet.
+Publishing every step is :class:`prime_ckpt.publisher.WeightsPublisher` (sharded across ranks,
+asynchronous, Hugging Face layout). This module keeps what reads a weights step
+(:func:`load_weights`, :func:`wait_for_weights`; both layouts) and the single-file writer of
+earlier versions (:func:`save_weights`: gathers the full model onto rank 0 and writes one
+``model.safetensors`` there, synchronously; the approach most RL trainers use, kept as the
+benchmark's baseline and for small tools). In both layouts ``COMPLETE`` is written last, after
+the data is fsync'd; a reader treats a directory without it as not there yet.
 
 ``output_dir`` / ``step_dir`` may be fsspec URLs (``s3://...``) or UPaths carrying storage
 options: each file is then one upload, in the same order, ``COMPLETE`` last.
@@ -12,6 +15,7 @@ options: each file is then one upload, in the same order, ``COMPLETE`` last.
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any
 
@@ -20,7 +24,7 @@ import torch.distributed as dist
 from safetensors.torch import load, load_file, save, save_file
 from torch import nn
 
-from prime_ckpt.layout import CONFIG_FILE, MODEL_FILE, WEIGHTS_MARKER, RunLayout, weights_complete
+from prime_ckpt.layout import CONFIG_FILE, MODEL_FILE, WEIGHTS_MARKER, RunLayout, weights_complete, weights_files
 from prime_ckpt.manifest import write_manifest
 from prime_ckpt.storage import AnyPath, atomic_write_bytes, fsync_dir, fsync_file, is_remote, remove_tree, to_path
 
@@ -74,6 +78,7 @@ def write_weights(step_dir: AnyPath | str, state_dict: dict[str, torch.Tensor], 
         return step_dir
     step_dir.mkdir(parents=True)
     save_file(state_dict, str(step_dir / MODEL_FILE))
+    os.chmod(step_dir / MODEL_FILE, 0o644)  # safetensors creates 0600: unreadable to a server of another user
     (step_dir / CONFIG_FILE).write_bytes(config_bytes)
     fsync_file(step_dir / MODEL_FILE)
     fsync_file(step_dir / CONFIG_FILE)
@@ -98,14 +103,31 @@ def save_weights(output_dir: AnyPath | str, step: int, model: nn.Module, config:
 def load_weights(step_dir: AnyPath | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a complete weights step: ``({name: tensor}, config)``.
 
+    Reads both layouts: the sharded Hugging Face one (``model.safetensors.index.json`` and the
+    ``model-0000i-of-0000n.safetensors`` it names, written by
+    :class:`prime_ckpt.publisher.WeightsPublisher`) and the single ``model.safetensors`` of
+    older runs. Tensors are CPU, in the dtype they were published in. ``config`` is the parsed
+    ``config.json`` (``{}`` if there is none).
+
     Raises:
-        FileNotFoundError: the directory or its ``COMPLETE`` marker is missing (names the path).
+        FileNotFoundError: the directory or its ``COMPLETE`` marker is missing, or a shard the
+            index names is missing (names the path).
+        ValueError: the index is unreadable, or a tensor appears in two shards.
     """
     step_dir = to_path(step_dir)
     if not weights_complete(step_dir):
         raise FileNotFoundError(f"{step_dir}: weights missing or incomplete (no {WEIGHTS_MARKER} marker)")
-    sd = load((step_dir / MODEL_FILE).read_bytes()) if is_remote(step_dir) else load_file(str(step_dir / MODEL_FILE))
-    config = json.loads((step_dir / CONFIG_FILE).read_text())
+    sd: dict[str, torch.Tensor] = {}
+    for f in weights_files(step_dir):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: missing (named by the weights index)")
+        part = load(f.read_bytes()) if is_remote(f) else load_file(str(f))
+        dup = set(part) & set(sd)
+        if dup:
+            raise ValueError(f"{f}: tensor {sorted(dup)[0]!r} is also in another shard")
+        sd.update(part)
+    config_path = step_dir / CONFIG_FILE
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     return sd, config
 
 

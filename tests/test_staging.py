@@ -186,3 +186,19 @@ def test_staged_bytes_count_every_tensor_once(one_rank_group):
     stager = ReusedBufferStager()
     stager.stage(sd)
     assert stager.last_staged_bytes == local_tensor_bytes(sd) == 8 * 4 * 4 + 4 * 3 * 4 + 5 * 2 + 8
+
+
+def test_stage_casts_floats_to_the_export_dtype_and_reuses_the_buffers():
+    """dtype=bf16 (weights publishing from fp32 master weights): the staged copy equals
+    ``Tensor.to(bf16)`` bitwise, integers keep their dtype, and buffers are reused."""
+    stager = ReusedBufferStager(dtype=torch.bfloat16)
+    state = {"w": torch.randn(7, 5) * 1e3, "ids": torch.arange(4), "half": torch.randn(3).half()}
+    staged = stager.stage(state)
+    assert staged["w"].dtype == torch.bfloat16 and torch.equal(staged["w"], state["w"].to(torch.bfloat16))
+    assert staged["half"].dtype == torch.bfloat16 and torch.equal(staged["half"], state["half"].to(torch.bfloat16))
+    assert staged["ids"].dtype == torch.int64 and torch.equal(staged["ids"], state["ids"])
+    assert stager.last_staged_bytes == 7 * 5 * 2 + 4 * 8 + 3 * 2
+    state["w"].add_(1.0)
+    again = stager.stage(state)
+    assert stager.last_new_buffers == 0 and again["w"].data_ptr() == staged["w"].data_ptr()
+    assert torch.equal(again["w"], state["w"].to(torch.bfloat16))

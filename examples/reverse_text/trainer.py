@@ -2,7 +2,8 @@
 
 FSDP2-sharded :class:`~examples.reverse_text.model.TinyLM`, AdamW, warmup/constant LR. Step
 ``n`` waits for ``rollouts/step_n.pt`` (from the orchestrator), takes this rank's shard, does
-one policy-gradient step, writes inference weights ``weights/step_n`` and, with ``--ckpt.*``,
+one policy-gradient step, publishes inference weights ``weights/step_n`` (sharded across ranks,
+in the background: :class:`prime_ckpt.publisher.WeightsPublisher`) and, with ``--ckpt.*``,
 a DCP checkpoint every ``--ckpt.interval`` steps. ``--ckpt.resume-step`` (-1 = newest complete)
 continues a run bitwise-identically.
 """
@@ -36,11 +37,12 @@ from examples.reverse_text.model import (
     left_pad,
 )
 from examples.reverse_text.task import EOS, PAD, encode, prompt_tokens, sample_problems
-from prime_ckpt.config import CheckpointConfig, CliSettings, MonitorConfig, cli_entry
+from prime_ckpt.config import CheckpointConfig, CliSettings, MonitorConfig, WeightsConfig, cli_entry
 from prime_ckpt.layout import RUN_PARTS
 from prime_ckpt.preemption import PreemptionHandler
+from prime_ckpt.publisher import WeightsPublisher
 from prime_ckpt.trainer import Checkpointer, Progress, TrainerState
-from prime_ckpt.weights import gather_full_state_dict, save_weights
+from prime_ckpt.weights import gather_full_state_dict
 
 
 class TrainerConfig(CliSettings):
@@ -84,6 +86,9 @@ class TrainerConfig(CliSettings):
 
     ckpt: CheckpointConfig | None = None
     """Checkpointing; off unless --ckpt / --ckpt.* / a [ckpt] table asks for it."""
+
+    weights: WeightsConfig = WeightsConfig()
+    """Per-step weights publishing (weights/step_N for the orchestrator / inference side)."""
 
     monitor: MonitorConfig = MonitorConfig()
     """Monitoring (W&B)."""
@@ -199,6 +204,11 @@ def main(argv: list[str] | None = None) -> None:
     loader = RolloutLoader(cfg.output_dir, rank, world, cfg.rollout_timeout_s, should_stop=parent_gone, preempted=preempt.requested)
     state = TrainerState(model, opt, scheduler, progress, loader)
     weights_config = {**cfg.model.model_dump(), "seed": cfg.seed}
+    # Every step: stage the local shards, publish in the background (sharded, COMPLETE last).
+    publisher = WeightsPublisher(
+        cfg.output_dir, save_async=cfg.weights.save_async, dtype=cfg.weights.dtype,
+        config=weights_config, timeout_s=cfg.weights.timeout,
+    )
 
     if resume is not None:
         assert checkpointer is not None
@@ -213,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"resumed params sha256 {params_sha256(loaded)}", flush=True)
         del loaded
     else:
-        save_weights(cfg.output_dir, 0, model, weights_config)
+        publisher.publish(0, model)
         log(f"trainer: fresh start, world size {world}, wrote weights/step_0", flush=True)
 
     run = _wandb_init(cfg, "trainer") if rank == 0 else None
@@ -257,8 +267,8 @@ def main(argv: list[str] | None = None) -> None:
         progress.step = n
         progress.total_samples += batch_size
         progress.total_tokens += tokens
-        save_weights(cfg.output_dir, n, model, weights_config)
-        ckpt_note = ""
+        pub = publisher.publish(n, model)
+        ckpt_note = f" | weights blocked {pub.blocking_s:.3f}s"
         if checkpointer is not None and checkpointer.should_save(n):
             rec = checkpointer.save(n, state)
             saved_at = n
@@ -276,6 +286,10 @@ def main(argv: list[str] | None = None) -> None:
                 "progress/step": n, "progress/total_samples": progress.total_samples,
                 "progress/total_tokens": progress.total_tokens, "loss": loss, "reward/mean": reward,
                 "optim/lr": lr, "optim/grad_norm": grad_norm, "perf/step_time_s": dt, "perf/wait_rollouts_s": t_wait,
+                "weights/blocking_s": pub.blocking_s, "weights/staging_s": pub.staging_s,
+                # the previous publish (this one is still in flight): its time until COMPLETE
+                **({"weights/ready_s": publisher.records[-2].ready_s}
+                   if len(publisher.records) > 1 and publisher.records[-2].ready_s is not None else {}),
             })
     if stopped:
         log(f"trainer: preempted after step {progress.step}", flush=True)
@@ -285,6 +299,7 @@ def main(argv: list[str] | None = None) -> None:
             # (a step that was just saved at its interval is not saved twice)
             log(f"trainer: wrote checkpoint step {progress.step} before exiting", flush=True)
     preempt.close()
+    publisher.close()  # waits for the last publish; raises its error (non-zero exit)
     if checkpointer is not None:
         checkpointer.close()  # waits for the last async save; raises its error (non-zero exit)
     full = gather_full_state_dict(model)

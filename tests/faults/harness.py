@@ -5,7 +5,7 @@
 What runs is the real example (``python -m examples.reverse_text.rl``: a 2-rank FSDP2 trainer
 under ``torchrun`` plus the orchestrator) with ``--ckpt.interval 1`` or ``2``, sync or async
 saves, sometimes ``--ckpt.keep``. One uninterrupted reference run (no checkpoints) gives the
-expected model hash after every step: ``weights/step_N/model.safetensors`` is bitwise the
+expected model hash after every step: ``weights/step_N`` (all its shards) is bitwise the
 trainer's model after step N.
 
 Trials are grouped in *chains* that share one output directory. Every launch of a chain uses
@@ -37,7 +37,9 @@ reference's final hash. Checks of one trial (any failure makes the trial *lost*)
 Triggers (seeded, reproducible plan; the instant itself depends on timing):
 ``save_in_progress`` (a new ``checkpoints/step_N/trainer/`` without ``.metadata``),
 ``first_distcp`` (its first ``.distcp`` file appeared), ``after_commit`` (its ``.metadata`` just
-appeared), ``weights_in_progress`` (``weights/step_N`` without ``COMPLETE``), ``orch_record``
+appeared), ``weights_in_progress`` (``weights/step_N`` without ``COMPLETE``: a publish running
+in the background), ``weights_shard`` (a rank's ``model-0000i-of-0000n.safetensors`` is in place
+but ``COMPLETE`` is not), ``orch_record``
 (an ``orchestrator.pt`` just appeared), ``delay`` (a random delay after the load), each for a
 step ``N >= resume step + offset`` and followed by a small random jitter.
 
@@ -89,7 +91,7 @@ LAUNCH_TIMEOUT = 300.0
 EXIT_TIMEOUT = 90.0
 POLL_S = 0.004
 
-TRIGGERS = ("save_in_progress", "first_distcp", "after_commit", "weights_in_progress", "orch_record", "delay")
+TRIGGERS = ("save_in_progress", "first_distcp", "after_commit", "weights_in_progress", "weights_shard", "orch_record", "delay")
 KILLS = ("job", "job", "rank0", "rank1")  # job kills twice as likely as each single-rank kill
 
 LAUNCH_RESUME_RE = re.compile(r"^rl: resuming from checkpoint step (\d+) in ", re.MULTILINE)
@@ -231,12 +233,12 @@ def _cached(path: Path, marker: Path, compute) -> str:
 
 
 def weights_sha(step_dir: Path) -> str:
-    """params sha256 of ``weights/step_N/model.safetensors`` (same hash as the trainer prints)."""
-    from safetensors.torch import load_file
-
+    """params sha256 of a complete ``weights/step_N`` (every shard the index names, through
+    ``load_weights``; same hash as the trainer prints)."""
     from examples.reverse_text.common import params_sha256
+    from prime_ckpt.weights import load_weights
 
-    return _cached(step_dir, step_dir / "model.safetensors", lambda: params_sha256(load_file(str(step_dir / "model.safetensors"))))
+    return _cached(step_dir, step_dir / "COMPLETE", lambda: params_sha256(load_weights(step_dir)[0]))
 
 
 def dcp_model_sha(trainer_dir: Path) -> str:
@@ -534,7 +536,8 @@ def poll_trigger(t: Trial, out: Path, target: int, since_ns: int, armed_at: floa
     """What fired, or None. Only files the current launch wrote count (see :func:`_fresh`)."""
     if t.trigger == "delay":
         return f"delay {t.delay_s:.2f}s" if time.monotonic() - armed_at >= t.delay_s else None
-    root = out / ("weights" if t.trigger == "weights_in_progress" else "checkpoints")
+    weights = t.trigger in ("weights_in_progress", "weights_shard")
+    root = out / ("weights" if weights else "checkpoints")
     try:
         entries = sorted((s, e.path) for e in os.scandir(root) if (s := parse_step(e.name)) is not None and s >= target)
     except FileNotFoundError:
@@ -544,6 +547,15 @@ def poll_trigger(t: Trial, out: Path, target: int, since_ns: int, armed_at: floa
         if t.trigger == "weights_in_progress":
             if _fresh(p, since_ns) and not (p / "COMPLETE").exists():
                 return f"weights/step_{step} in progress"
+            continue
+        if t.trigger == "weights_shard":  # a rank's shard is in place, the publish not committed
+            try:
+                if _fresh(p, since_ns) and not (p / "COMPLETE").exists() and any(
+                    n.startswith("model-") and n.endswith(".safetensors") for n in os.listdir(p)
+                ):
+                    return f"weights/step_{step} first shard written"
+            except FileNotFoundError:
+                pass
             continue
         tdir = p / "trainer"
         if t.trigger == "orch_record":
