@@ -54,6 +54,7 @@ SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"  # in weights/step_<N>/:
 CONFIG_FILE = "config.json"  # in weights/step_<N>/ (the model's Hugging Face config)
 GENERATION_CONFIG_FILE = "generation_config.json"  # in weights/step_<N>/, when the model has one
 SAVE_INFO_FILE = "save_info.json"
+CONSUMER_ACK_FILE = "consumer_ack.json"  # in <output_dir>/: the weights step the inference side has loaded
 MANIFEST_FILE = "manifest.json"
 
 #: The parts a full run (trainer + orchestrator) writes for each checkpoint step.

@@ -21,7 +21,7 @@ import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from prime_ckpt.layout import RunLayout
+from prime_ckpt.layout import CONSUMER_ACK_FILE, RunLayout
 from prime_ckpt.storage import AnyPath, atomic_write_bytes, is_remote, to_path
 
 _PLAIN = (int, float, str, bool, type(None))
@@ -180,3 +180,47 @@ def save_orchestrator_checkpoint(output_dir: AnyPath | str, progress: Orchestrat
 def load_orchestrator_checkpoint(output_dir: AnyPath | str, step: int) -> OrchestratorProgress:
     """Read ``<output_dir>/checkpoints/step_<step>/orchestrator.pt`` (see :func:`load_progress`)."""
     return load_progress(RunLayout(output_dir).orchestrator_path(step))
+
+
+# -- the consumer acknowledgement -------------------------------------------------------------
+def write_consumer_ack(output_dir: AnyPath | str, step: int, *, consumer: str = "inference") -> AnyPath:
+    """Record that the inference side has loaded ``weights/step_<step>`` (the *consumer
+    acknowledgement*): ``<output_dir>/consumer_ack.json`` = ``{"step", "consumer", "time"}``,
+    written atomically (one PUT on object storage).
+
+    Write it only after the server reported that it serves that step. The trainer's retention
+    (:class:`prime_ckpt.trainer.Checkpointer` with ``keep``) reads it before each plan and never
+    deletes weights at or after the acknowledged step (``RetentionPolicy.consumer_step``): a slow
+    consumer keeps the weights it has not loaded yet. A resume from an older step may move the
+    acknowledgement back (the server is told to load older weights): the last write wins.
+
+    Raises:
+        ValueError: ``step < 0``.
+    """
+    import json
+    import time
+
+    if step < 0:
+        raise ValueError(f"consumer acknowledgement: step must be >= 0, got {step}")
+    path = to_path(output_dir) / CONSUMER_ACK_FILE
+    atomic_write_bytes(path, json.dumps({"step": int(step), "consumer": consumer, "time": time.time()}).encode())
+    return path
+
+
+def read_consumer_ack(output_dir: AnyPath | str) -> int | None:
+    """The weights step the consumer last acknowledged (:func:`write_consumer_ack`), or None if
+    there is none. An unreadable record counts as none for reading but is logged; callers that
+    delete (retention) must treat None as "no acknowledgement", which pins nothing extra."""
+    import json
+    import logging
+
+    path = to_path(output_dir) / CONSUMER_ACK_FILE
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        logging.getLogger(__name__).warning("%s: unreadable consumer acknowledgement (%s); ignored", path, type(e).__name__)
+        return None
+    step = data.get("step") if isinstance(data, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None

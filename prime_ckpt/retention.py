@@ -276,6 +276,19 @@ def apply_plan(p: Plan, *, remove: Callable[[AnyPath], bool] = remove_tree) -> A
     return result
 
 
+def with_consumer_ack(policy: RetentionPolicy, output_dir: AnyPath | str) -> RetentionPolicy:
+    """``policy`` with ``consumer_step`` set from the run's consumer acknowledgement
+    (``<output_dir>/consumer_ack.json``: the weights step the inference side has loaded,
+    :func:`prime_ckpt.orchestrator.write_consumer_ack`), unless the policy already has one or
+    there is none. Reads one small file."""
+    if policy.consumer_step is not None:
+        return policy
+    from prime_ckpt.orchestrator import read_consumer_ack
+
+    acked = read_consumer_ack(output_dir)
+    return policy if acked is None else dataclasses.replace(policy, consumer_step=acked)
+
+
 def plan_output_dir(
     output_dir: AnyPath | str,
     policy: RetentionPolicy,
@@ -287,7 +300,9 @@ def plan_output_dir(
     """Scan ``output_dir`` and plan it (the I/O half of :func:`plan`).
 
     With ``detect`` the parts a step needs to count as complete are judged from the disk
-    (:func:`prime_ckpt.layout.detect_parts`: a trainer-only run needs only ``trainer``).
+    (:func:`prime_ckpt.layout.detect_parts`: a trainer-only run needs only ``trainer``). A policy
+    without ``consumer_step`` takes the run's consumer acknowledgement
+    (``consumer_ack.json``, :func:`prime_ckpt.orchestrator.write_consumer_ack`) when there is one.
 
     Raises:
         FileNotFoundError: ``output_dir`` does not exist or holds neither ``checkpoints/`` nor
@@ -304,6 +319,7 @@ def plan_output_dir(
     inventory = scan_inventory(layout.output_dir)
     if detect:
         policy = dataclasses.replace(policy, parts=detect_parts(inventory.checkpoints))
+    policy = with_consumer_ack(policy, layout.output_dir)
     return plan(inventory, policy, current_step=current_step, in_flight=in_flight)
 
 

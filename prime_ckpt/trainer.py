@@ -61,7 +61,7 @@ from prime_ckpt.layout import (
     trainer_part_complete,
 )
 from prime_ckpt.manifest import write_manifest
-from prime_ckpt.retention import Plan, RetentionPolicy, apply_plan, plan
+from prime_ckpt.retention import Plan, RetentionPolicy, apply_plan, plan, with_consumer_ack
 from prime_ckpt.staging import ReusedBufferStager
 from prime_ckpt.storage import (
     AnyPath,
@@ -443,8 +443,12 @@ class Checkpointer:
         return self._pg
 
     def _plan(self, current_step: int, in_flight: frozenset[int]) -> Plan:
+        """Retention plan after a commit; the consumer acknowledgement on disk (what the
+        inference side has loaded, :func:`prime_ckpt.orchestrator.write_consumer_ack`) pins
+        every weights step at or after it, unless the policy was given one explicitly."""
         assert self.retention is not None
-        return plan(scan_inventory(self.layout.output_dir), self.retention, current_step=current_step, in_flight=in_flight)
+        policy = with_consumer_ack(self.retention, self.layout.output_dir)
+        return plan(scan_inventory(self.layout.output_dir), policy, current_step=current_step, in_flight=in_flight)
 
     def _committed(self, record: SaveRecord) -> None:
         """Called on every rank once a save is durable (for async saves from DCP's upload

@@ -11,7 +11,7 @@ import torch
 
 from examples.reverse_text.model import (
     ModelConfig,
-    TinyLM,
+    build_model,
     completion_logprobs,
     generate,
 )
@@ -32,6 +32,7 @@ FINAL_RE = re.compile(r"^final step (\d+) \| params sha256 ([0-9a-f]{64})$", re.
 FAST = [
     "--trainer", "@", "examples/configs/reverse_text/train.toml",
     "--orchestrator", "@", "examples/configs/reverse_text/orch.toml",
+    "--orchestrator.inference.backend", "local",  # in-process sampling (the vLLM server: tests/test_inference_server.py)
     "--orchestrator.batch-size", "32", "--trainer.warm-start-steps", "5",
 ]
 
@@ -62,7 +63,7 @@ def test_reward_is_positional_overlap():
 
 def test_model_init_and_sampling_are_deterministic():
     cfg = ModelConfig()
-    a, b = TinyLM(cfg, seed=3), TinyLM(cfg, seed=3)
+    a, b = build_model(cfg, seed=3), build_model(cfg, seed=3)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     prompts = [prompt_tokens(s) for s in sample_problems(8, torch.Generator().manual_seed(0))]
     r1 = generate(a, prompts, 7, torch.Generator().manual_seed(1))
@@ -100,6 +101,17 @@ def test_launcher_run_writes_complete_checkpoints_and_weights(tmp_path):
     weights = scan_weights(out)
     assert [w.step for w in weights] == list(range(7)) and all(w.complete for w in weights)
     assert (tmp_path / "wandb").is_dir()  # offline W&B run of the trainer
+    # weights/step_N is what an inference engine loads: the HF model and the tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prime_ckpt.weights import load_weights
+
+    step_dir = out / "weights" / "step_6"
+    assert AutoTokenizer.from_pretrained(step_dir).encode("abc=") == encode("abc=")
+    hf = AutoModelForCausalLM.from_pretrained(step_dir).state_dict()
+    published, config = load_weights(step_dir)
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert set(hf) == set(published) and all(torch.equal(hf[k], v) for k, v in published.items())
 
 
 def test_resume_through_launcher_is_bitwise_identical(tmp_path):

@@ -291,3 +291,41 @@ def test_slow_consumer_never_sees_a_missing_weights_file(tmp_path):
     assert not errors, errors
     assert [c.step for c in scan_checkpoints(tmp_path)] == [steps]
     assert [w.step for w in scan_weights(tmp_path)] == [steps - k, steps - 1, steps]
+
+
+def test_a_slow_consumer_keeps_the_weights_it_acknowledged(tmp_path):
+    """The inference side acknowledged weights step 3 and is late; the trainer's retention
+    (--ckpt.keep 1, async level 1) runs at steps 6 and 12: every weights step >= 3 survives, the
+    older unpinned ones go. Without the acknowledgement step 3..9 would be deleted."""
+    import torch
+
+    from prime_ckpt.config import CheckpointConfig
+    from prime_ckpt.layout import scan_checkpoints, scan_weights
+    from prime_ckpt.orchestrator import read_consumer_ack, write_consumer_ack
+    from prime_ckpt.publisher import WeightsPublisher
+    from prime_ckpt.retention import plan_output_dir
+    from prime_ckpt.trainer import Checkpointer, TrainerState
+
+    model = torch.nn.Linear(4, 4)
+    state = TrainerState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(interval=6, keep=1), async_level=1)
+    assert read_consumer_ack(tmp_path) is None
+    with WeightsPublisher(tmp_path, save_async=False) as pub:
+        for n in range(13):
+            pub.publish(n, model)
+            if n == 3:
+                write_consumer_ack(tmp_path, 3)  # the server reported it serves step 3
+            state.progress.step = n
+            if ckpt.should_save(n):
+                ckpt.save(n, state)
+                ckpt.flush()
+    ckpt.close()
+    assert read_consumer_ack(tmp_path) == 3
+    assert [c.step for c in scan_checkpoints(tmp_path)] == [12]
+    assert [w.step for w in scan_weights(tmp_path)] == list(range(3, 13))
+    # prime-ckpt plan/prune read the same acknowledgement
+    reasons = {e.step: e.reasons for e in plan_output_dir(tmp_path, RetentionPolicy(keep=1, async_level=1)).entries if e.kind == "weights"}
+    assert all(any("acknowledged" in r for r in reasons[s]) for s in range(3, 11)), reasons
+    write_consumer_ack(tmp_path, 11)
+    p = plan_output_dir(tmp_path, RetentionPolicy(keep=1, async_level=1))
+    assert sorted(e.step for e in p.entries if e.kind == "weights" and e.action == "delete") == list(range(3, 11))

@@ -1,9 +1,12 @@
-"""A tiny decoder-only transformer in plain torch, and batched sampling (no KV cache).
+"""The policy: a tiny Hugging Face ``LlamaForCausalLM`` built from a config in code, and batched
+sampling with it (the in-process sampler; the inference server samples the same policy).
 
 Sequences are *left*-padded prompts followed by the completion; ``attn_mask`` marks real tokens
-(1) and padding (0). Positions count real tokens only, so a prompt gets the same positions
-whatever its padding. The output distribution never puts mass on PAD/BOS/SEP (they are inputs
-only); :func:`policy_logits` applies that mask, and sampling and training both go through it.
+(1) and padding (0). Positions count real tokens only (``position_ids``), so a prompt gets the
+same positions whatever its padding, as on an inference server that sees it unpadded. The
+policy may only emit :data:`~examples.reverse_text.task.ALLOWED_TOKENS` (the alphabet and EOS);
+:func:`policy_logits` applies that restriction, and sampling, training and the server's
+``allowed_token_ids`` all use it.
 """
 
 from __future__ import annotations
@@ -11,112 +14,95 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from examples.reverse_text.task import BOS, EOS, PAD, SEP, VOCAB_SIZE
+from examples.reverse_text.task import ALLOWED_TOKENS, BOS, EOS, PAD, VOCAB_SIZE
 
 
 class ModelConfig(BaseModel):
-    """Model shape (``--model.*``); trainer and orchestrator must agree."""
+    """Model shape (``--model.*``); trainer and orchestrator must agree. A Llama architecture."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     d_model: int = Field(64, ge=8)
-    """Width of the residual stream."""
+    """Width of the residual stream (hidden_size)."""
 
     n_layers: int = Field(2, ge=1)
-    """Number of transformer blocks."""
+    """Number of decoder layers."""
 
-    n_heads: int = Field(4, ge=1)
-    """Attention heads per block (must divide d_model)."""
+    n_heads: int = Field(2, ge=1)
+    """Attention heads per layer; d_model / n_heads is the head dim, which vLLM's CPU attention needs to be 32, 64, 80, 96, 112, 128 ..."""
 
-    max_seq_len: int = Field(16, ge=4)
-    """Longest sequence (prompt + completion) the position table covers (tokens)."""
+    d_ff: int = Field(256, ge=8)
+    """Width of the MLP (intermediate_size)."""
 
-    vocab_size: int = Field(VOCAB_SIZE, ge=1)
-    """Vocabulary size (the task's alphabet + BOS/SEP/EOS/PAD)."""
+    max_seq_len: int = Field(32, ge=4)
+    """Longest sequence (prompt + completion) the model serves (max_position_embeddings; tokens)."""
 
-
-class Block(nn.Module):
-    """Pre-LayerNorm block: causal self-attention then an MLP, both residual."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.n_heads = cfg.n_heads
-        self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
-        self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model)
-        self.fc_out = nn.Linear(4 * cfg.d_model, cfg.d_model)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
-        q, k, v = (z.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2) for z in (q, k, v))
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
-        return x + self.fc_out(F.gelu(self.fc(self.ln2(x))))
+    @model_validator(mode="after")
+    def _head_dim(self) -> ModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model})")
+        head_dim = self.d_model // self.n_heads
+        if head_dim < 32 or head_dim % 16:
+            raise ValueError(f"head dim d_model / n_heads = {head_dim}: must be a multiple of 16 and >= 32 (vLLM's CPU attention)")
+        return self
 
 
-class TinyLM(nn.Module):
-    """Token + position embeddings, ``n_layers`` blocks, final LayerNorm, LM head.
+def hf_config(cfg: ModelConfig):
+    """The ``transformers.LlamaConfig`` of ``cfg`` (eager attention: no fused kernel, finite
+    values on padded rows, the same result on every run)."""
+    from transformers import LlamaConfig
 
-    Args:
-        cfg: model shape.
-        seed: initialisation seed; the same seed gives bitwise the same weights (a local
-            ``torch.Generator`` is used, the global RNG is not touched).
-    """
+    return LlamaConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads, head_dim=cfg.d_model // cfg.n_heads,
+        max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=False, pad_token_id=PAD, bos_token_id=BOS,
+        eos_token_id=EOS, attn_implementation="eager",
+    )
 
-    def __init__(self, cfg: ModelConfig, seed: int = 0) -> None:
-        super().__init__()
-        if cfg.d_model % cfg.n_heads:
-            raise ValueError(f"n_heads ({cfg.n_heads}) must divide d_model ({cfg.d_model})")
-        self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size)
-        self.reset_parameters(seed)
 
-    @torch.no_grad()
-    def reset_parameters(self, seed: int) -> None:
-        g = torch.Generator().manual_seed(seed)
-        std = 0.02
-        for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                p.zero_()
-            elif ".ln" in name or name.startswith("ln_"):
+def same_shape(cfg: ModelConfig, config_json: dict) -> bool:
+    """True iff a published ``config.json`` describes the model ``cfg`` builds."""
+    want = hf_config(cfg)
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings")
+    return all(config_json.get(k) == getattr(want, k) for k in keys)
+
+
+def build_model(cfg: ModelConfig, seed: int = 0) -> nn.Module:
+    """A ``LlamaForCausalLM`` of shape ``cfg``, initialised from ``seed`` with a local
+    ``torch.Generator`` (the same seed gives bitwise the same weights; the global RNG is not
+    touched): norms 1, other weights N(0, 0.02), output projections scaled by 1/sqrt(2 layers)."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(hf_config(cfg))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
                 p.fill_(1.0)
             else:
-                scale = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("proj.weight", "fc_out.weight")) else std
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
+                std = 0.02 / math.sqrt(2 * cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
 
-    def forward(self, tokens: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, T, vocab]`` for ``tokens [B, T]``; ``attn_mask [B, T]`` is 1 for real tokens."""
-        t = tokens.shape[1]
-        if t > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {t} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
-        real = attn_mask.bool()
-        pos = (real.long().cumsum(-1) - 1).clamp(min=0)
-        x = self.tok_emb(tokens) + self.pos_emb(pos)
-        causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()
-        # query i sees key j iff j <= i and j is real; always itself (pad rows stay finite).
-        mask = (causal & real[:, None, :]) | torch.eye(t, dtype=torch.bool, device=tokens.device)
-        mask = mask[:, None]
-        for block in self.blocks:
-            x = block(x, mask)
-        return self.head(self.ln_f(x))
+
+def logits_of(model: nn.Module, tokens: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    """Logits ``[B, T, vocab]`` for left-padded ``tokens [B, T]`` (``attn_mask`` 1 = real)."""
+    pos = (attn_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=tokens, attention_mask=attn_mask, position_ids=pos, use_cache=False).logits
+
+
+_ALLOWED = torch.tensor(ALLOWED_TOKENS)
 
 
 def policy_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Logits of the sampling policy: PAD/BOS/SEP are never emitted, then temperature."""
-    logits = logits.clone()
-    logits[..., [PAD, BOS, SEP]] = float("-inf")
-    return logits / temperature
+    """Logits of the sampling policy: only :data:`ALLOWED_TOKENS` may be emitted, then temperature."""
+    masked = torch.full_like(logits, float("-inf"))
+    idx = _ALLOWED.to(logits.device)
+    masked[..., idx] = logits[..., idx]
+    return masked / temperature
 
 
 def left_pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,6 +113,16 @@ def left_pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     for i, s in enumerate(seqs):
         tokens[i, t - len(s):] = torch.tensor(s, dtype=torch.long)
         mask[i, t - len(s):] = 1
+    return tokens, mask
+
+
+def right_pad(seqs: list[list[int]], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completions (token lists) right-padded to ``length``: ``(tokens [B, C], mask [B, C])``."""
+    tokens = torch.full((len(seqs), length), PAD, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
     return tokens, mask
 
 
@@ -152,7 +148,7 @@ def generate(
     done = torch.zeros(b, dtype=torch.bool)
     out_tok, out_mask, out_lp = [], [], []
     for _ in range(max_new_tokens):
-        logits = policy_logits(model(tokens, mask)[:, -1].float(), temperature)
+        logits = policy_logits(logits_of(model, tokens, mask)[:, -1].float(), temperature)
         logp = torch.log_softmax(logits, dim=-1)
         nxt = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
         live = ~done
@@ -184,7 +180,7 @@ def completion_logprobs(
     c = completion.shape[1]
     tokens = torch.cat([prompt, completion], dim=1)
     mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    logits = model(tokens, mask)[:, p - 1 : p + c - 1].float()
+    logits = logits_of(model, tokens, mask)[:, p - 1 : p + c - 1].float()
     logp = torch.log_softmax(policy_logits(logits, temperature), dim=-1)
     safe = torch.where(completion_mask.bool(), completion, torch.full_like(completion, EOS))
     lp = logp.gather(-1, safe[..., None]).squeeze(-1)

@@ -275,10 +275,55 @@ def main(argv: list[str] | None = None) -> int:
                     "-m", "examples.reverse_text.trainer", *trainer_args],
         "orchestrator": [sys.executable, "-m", "examples.reverse_text.orchestrator", *orch_args],
     }
-    return Launcher().run(cmds, env)
+    server = _ensure_server(ocfg) if ocfg.inference.backend == "server" else None
+    try:
+        return Launcher().run(cmds, env)
+    finally:
+        if server is not None:
+            from examples.reverse_text.inference import stop_server
+
+            stop_server(server)
+            print(f"rl: stopped the inference server it started (pid {server.pid})", flush=True)
 
 
-if __name__ == "__main__":
+def _ensure_server(ocfg) -> subprocess.Popen | None:
+    """Use the inference server at ``--orchestrator.inference.base-url`` if one answers (and leave
+    it running: it was not started here); else start one on that local port (vLLM, from
+    ``.venv-inference``) and return it, to be stopped when the run ends."""
+    from urllib.parse import urlparse
+
+    from examples.reverse_text.inference import InferenceClient, InferenceError, start_server, stop_server
+
+    url = ocfg.inference.base_url
+    client = InferenceClient(url)
+    if client.ready():
+        print(f"rl: using the inference server at {url} (not started here: left running)", flush=True)
+        return None
+    parsed = urlparse(url)
+    if parsed.hostname not in ("127.0.0.1", "localhost") or parsed.port is None:
+        _fail(f"--orchestrator.inference.base-url: no server answers at {url}, and rl only starts one on 127.0.0.1:<port>", code=1)
+    work = ocfg.output_dir / "inference"
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        proc = start_server(ocfg.model, work, parsed.port, log=work / "server.log")
+    except InferenceError as e:
+        _fail(str(e), code=1)
+    print(f"rl: starting an inference server (vLLM, pid {proc.pid}) at {url}; log {work / 'server.log'}", flush=True)
+    try:
+        client.wait_ready(ocfg.inference.timeout_s * 3, should_stop=lambda: proc.poll() is not None)
+    except InferenceError as e:
+        stop_server(proc)
+        _fail(f"{e} (see {work / 'server.log'})", code=1)
+    print(f"rl: inference server ready (pid {proc.pid})", flush=True)
+    return proc
+
+
+def cli() -> None:
+    """Console script ``rl``."""
     # whole lines per write, as in common.whole_lines (not imported: it would import torch here)
     sys.stdout.reconfigure(line_buffering=True, write_through=False)
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,6 +1,6 @@
 """The RL trainer: ``torchrun -m examples.reverse_text.trainer @ train.toml [flags]``.
 
-FSDP2-sharded :class:`~examples.reverse_text.model.TinyLM`, AdamW, warmup/constant LR. Step
+FSDP2-sharded Hugging Face ``LlamaForCausalLM`` (:func:`~examples.reverse_text.model.build_model`), AdamW, warmup/constant LR. Step
 ``n`` waits for ``rollouts/step_n.pt`` (from the orchestrator), takes this rank's shard, does
 one policy-gradient step, publishes inference weights ``weights/step_n`` (sharded across ranks,
 in the background: :class:`prime_ckpt.publisher.WeightsPublisher`) and, with ``--ckpt.*``,
@@ -32,11 +32,11 @@ from examples.reverse_text.common import (
 )
 from examples.reverse_text.model import (
     ModelConfig,
-    TinyLM,
+    build_model,
     completion_logprobs,
     left_pad,
 )
-from examples.reverse_text.task import EOS, PAD, encode, prompt_tokens, sample_problems
+from examples.reverse_text.task import EOS, PAD, build_tokenizer, encode, prompt_tokens, sample_problems
 from prime_ckpt.config import CheckpointConfig, CliSettings, MonitorConfig, WeightsConfig, cli_entry
 from prime_ckpt.layout import RUN_PARTS
 from prime_ckpt.preemption import PreemptionHandler
@@ -125,7 +125,7 @@ class RolloutLoader:
         self.next_step = int(state["next_step"])
 
 
-def warm_start(model: TinyLM, steps: int, seed: int, lr: float = 3e-3, batch_size: int = 32) -> None:
+def warm_start(model: torch.nn.Module, steps: int, seed: int, lr: float = 3e-3, batch_size: int = 32) -> None:
     """A short supervised run on reversed strings: the 'base model' RL starts from (the real
     reverse-text recipe is SFT, then RL). Deterministic; every rank computes the same result."""
     if steps <= 0:
@@ -161,11 +161,21 @@ def _wandb_init(cfg: TrainerConfig, name: str):
     return run
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = cli_entry(TrainerConfig, argv, prog="trainer")
     parent_gone = die_with_parent()
     set_deterministic_threads()
     use_cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:  # started without torchrun: one rank (torchrun for more)
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     dist.init_process_group("nccl" if use_cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if use_cuda:
@@ -184,13 +194,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     resume = checkpointer.resume_step() if checkpointer is not None else None
 
-    model = TinyLM(cfg.model, seed=cfg.seed)
+    model = build_model(cfg.model, seed=cfg.seed)
     if resume is None:
         warm_start(model, cfg.warm_start_steps, cfg.seed)
     model.to(device)
     mesh = init_device_mesh(device.type, (world,))
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh)
+    for layer in model.model.layers:  # FSDP2 per decoder layer, then the root
+        fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
@@ -203,11 +213,11 @@ def main(argv: list[str] | None = None) -> None:
     preempt = PreemptionHandler()
     loader = RolloutLoader(cfg.output_dir, rank, world, cfg.rollout_timeout_s, should_stop=parent_gone, preempted=preempt.requested)
     state = TrainerState(model, opt, scheduler, progress, loader)
-    weights_config = {**cfg.model.model_dump(), "seed": cfg.seed}
-    # Every step: stage the local shards, publish in the background (sharded, COMPLETE last).
+    # Every step: stage the local shards, publish in the background (sharded, COMPLETE last):
+    # a Hugging Face model dir (the model's config.json, the tokenizer) an inference server loads.
     publisher = WeightsPublisher(
         cfg.output_dir, save_async=cfg.weights.save_async, dtype=cfg.weights.dtype,
-        config=weights_config, timeout_s=cfg.weights.timeout,
+        tokenizer=build_tokenizer(), timeout_s=cfg.weights.timeout,
     )
 
     if resume is not None:
@@ -309,6 +319,12 @@ def main(argv: list[str] | None = None) -> None:
         run.finish()
     dist.barrier()
     dist.destroy_process_group()
+
+
+def cli() -> None:
+    """Console script ``trainer``."""
+    whole_lines()
+    main(sys.argv[1:])
 
 
 if __name__ == "__main__":  # required: process-based async saving re-imports this module

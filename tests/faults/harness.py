@@ -84,6 +84,7 @@ BATCH = 16
 FAST = [
     "--trainer", "@", "examples/configs/reverse_text/train.toml",
     "--orchestrator", "@", "examples/configs/reverse_text/orch.toml",
+    "--orchestrator.inference.backend", "local",  # in-process sampling (the vLLM server: tests/test_inference_server.py)
     "--orchestrator.batch-size", str(BATCH), "--trainer.warm-start-steps", "0",
 ]
 #: hard limits (seconds): a whole launch; the job's exit after a kill; waiting for a trigger
