@@ -1,12 +1,16 @@
 """`make demo`: a real async-RL run is stopped mid-flight and resumed bitwise-identically.
 
-1. reference: the reverse-text run (trainer on 2 FSDP2 ranks + orchestrator), no checkpoints;
+0. one inference server (vLLM, from ``.venv-inference``) is started for the whole demo; every
+   run's orchestrator samples from it over HTTP and tells it which weights to serve;
+1. reference: the reverse-text run (a Hugging Face Llama trained on 2 FSDP2 ranks + the
+   orchestrator), no checkpoints;
 2. the same run with async checkpoints; once checkpoint step ~N/2 is complete on disk, the whole
-   job is SIGKILLed (the job gets stopped);
-3. the same command with ``--ckpt.resume-step -1`` picks the newest complete step and finishes;
+   job (trainer + orchestrator, not the server) is SIGKILLed;
+3. the same command with ``--ckpt.resume-step -1`` picks the newest complete step x; the server,
+   still running (same pid), is told to load the weights of x - async_level; the run finishes;
 4. compare: final parameters (sha256) and every loss after the resume step must be identical to
-   the reference; reward must have risen;
-5. ``prime-ckpt inspect`` of the last checkpoint.
+   the reference (vLLM's seeded sampling reproduces the rollouts); reward must have risen;
+5. ``prime-ckpt inspect`` of the last checkpoint and of the last published weights.
 
 Logs of each run: ``outputs/demo/*.log``.
 """
@@ -46,11 +50,15 @@ def env() -> dict[str, str]:
     return e
 
 
+SERVER_URL = ""  # set by main() once the server is up
+
+
 def rl_cmd(output_dir: Path, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "examples.reverse_text.rl",
         "--trainer", "@", "examples/configs/reverse_text/train.toml",
         "--orchestrator", "@", "examples/configs/reverse_text/orch.toml",
+        "--orchestrator.inference.base-url", SERVER_URL,
         "--output-dir", str(output_dir), "--max-steps", str(STEPS), *extra,
     ]
 
@@ -63,7 +71,7 @@ def parse(log: Path) -> tuple[dict[int, tuple[str, float]], str | None, list[str
             steps[int(m.group(1))] = (m.group(2), float(m.group(3)))
         elif m := FINAL_RE.match(line):
             sha = m.group(2)
-        elif line.startswith(("rl:", "trainer: resumed", "orchestrator: resumed")):
+        elif line.startswith(("rl:", "trainer: resumed", "orchestrator: resumed", "orchestrator: inference server")):
             notes.append(line)
     return steps, sha, notes
 
@@ -122,10 +130,43 @@ def show_steps(steps: dict[int, tuple[str, float]], every: int = 10) -> None:
 
 
 def main() -> int:
+    global SERVER_URL
+    from examples.reverse_text.inference import InferenceClient, InferenceError, start_server, stop_server
+    from examples.reverse_text.model import ModelConfig
+
     t_all = time.perf_counter()
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)
     ref_dir, run_dir = OUT / "reference", OUT / "run"
+
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    SERVER_URL = f"http://127.0.0.1:{port}"
+    print(f"== 0/4 inference server: vLLM on {SERVER_URL}, started once for the whole demo (log {(OUT / 'vllm.log').relative_to(ROOT)})")
+    t0 = time.perf_counter()
+    try:
+        server = start_server(ModelConfig(), OUT / "inference", port, log=OUT / "vllm.log")
+    except InferenceError as e:
+        print(f"    {e}")
+        return 1
+    try:
+        InferenceClient(SERVER_URL).wait_ready(600, should_stop=lambda: server.poll() is not None)
+    except InferenceError as e:
+        print(f"    {e}\n" + "\n".join((OUT / "vllm.log").read_text().splitlines()[-20:]))
+        stop_server(server)
+        return 1
+    print(f"    server pid {server.pid}, ready in {time.perf_counter() - t0:.1f} s")
+    try:
+        return _demo(server, ref_dir, run_dir, t_all)
+    finally:
+        stop_server(server)
+
+
+def _demo(server, ref_dir: Path, run_dir: Path, t_all: float) -> int:
+    from examples.reverse_text.inference import InferenceClient
 
     print(f"== 1/4 reference run: {STEPS} steps, trainer on 2 FSDP2 ranks + orchestrator, no checkpoints")
     t0 = time.perf_counter()
@@ -137,7 +178,7 @@ def main() -> int:
 
     ckpt = ("--ckpt.interval", str(INTERVAL), "--ckpt.save-async", "--ckpt.keep", str(KEEP))
     print(f"\n== 2/4 same run with async checkpoints every {INTERVAL} steps, keeping the {KEEP} newest; "
-          f"stop the job (SIGKILL) once step {STOP_AT} is on disk")
+          f"stop the job (SIGKILL; not the server) once step {STOP_AT} is on disk")
     t0 = time.perf_counter()
     log = OUT / "run.log"
     proc = start(rl_cmd(run_dir, *ckpt), log)
@@ -160,6 +201,8 @@ def main() -> int:
     killed_steps, _, _ = parse(log)
     last = max(killed_steps) if killed_steps else 0
     print(f"    killed the job's process group at trainer step {last} ({time.perf_counter() - t0:.1f} s)")
+    print(f"    inference server: pid {server.pid}, alive: {server.poll() is None}, "
+          f"serves weights step {InferenceClient(SERVER_URL).loaded_step()}")
     for c in scan_checkpoints(run_dir):
         state = "complete" if c.complete() else "INCOMPLETE (" + ", ".join(p for p, ok in c.parts.items() if not ok) + " missing)"
         print(f"    checkpoints/step_{c.step}: {state}")
@@ -174,6 +217,7 @@ def main() -> int:
     resumed_from = min(res_steps) - 1 if res_steps else STEPS
     show_steps(res_steps)
     print(f"    done in {time.perf_counter() - t0:.1f} s")
+    print(f"    inference server: pid {server.pid} (the same process, never restarted), alive: {server.poll() is None}")
 
     print(f"\n== 4/4 compare with the reference (steps {resumed_from + 1}..{STEPS})")
     ok = True
@@ -184,9 +228,15 @@ def main() -> int:
     print(f"    final params sha256  reference {ref_sha}")
     print(f"                         resumed   {res_sha}")
     ok &= ref_sha is not None and ref_sha == res_sha
+    ok &= server.poll() is None
     first = [ref_steps[n][1] for n in range(1, 6)]
     lastr = [ref_steps[n][1] for n in range(STEPS - 4, STEPS + 1)]
     r0, r1 = sum(first) / len(first), sum(lastr) / len(lastr)
+    print("    reward curve of the reference run (mean of each 5 steps):")
+    for a in range(1, STEPS + 1, 5):
+        window = [ref_steps[n][1] for n in range(a, min(a + 5, STEPS + 1)) if n in ref_steps]
+        mean = sum(window) / len(window)
+        print(f"      steps {a:2d}-{a + len(window) - 1:2d}  {mean:.3f}  {'#' * round(mean * 60)}")
     print(f"    reward: steps 1-5 mean {r0:.3f} -> steps {STEPS - 4}-{STEPS} mean {r1:.3f}")
     learned = r1 > r0 + 0.1
     print(f"\n{'PASS' if ok else 'FAIL'}: resumed run is {'bitwise identical to' if ok else 'DIFFERENT from'} the uninterrupted run"
@@ -210,6 +260,10 @@ def main() -> int:
         show_inspect(r.stdout)
     else:
         print(f"    (prime-ckpt inspect not available: {(r.stderr or r.stdout).strip().splitlines()[-1:] or r.returncode})")
+    last_weights = run_dir / "weights" / f"step_{max(weight_steps)}"
+    print(f"\n== prime-ckpt inspect {last_weights.relative_to(ROOT)}  (what the inference server loads)")
+    r = subprocess.run([*cmd, "inspect", str(last_weights)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=60, check=False)
+    show_inspect(r.stdout if r.returncode == 0 else (r.stderr or r.stdout), max_lines=24)
     print(f"\ndemo wall time {time.perf_counter() - t_all:.1f} s; logs in {OUT.relative_to(ROOT)}/*.log")
     return 0 if ok else 1
 

@@ -8,8 +8,9 @@ path. :class:`WeightsPublisher` makes a publish cost the training loop only the 
    cast to the export dtype on the way). A replicated tensor is staged by its owner only.
 2. **redistribute** (background thread, a dedicated gloo process group): every tensor has one
    owner rank (:func:`assign_owners`, balanced by bytes); the other ranks send it their slice
-   point-to-point, and the owner assembles one tensor at a time in a scratch buffer. No rank
-   ever holds the model: peak extra memory is its staged shards plus its largest tensor.
+   point-to-point, and the owner assembles one tensor at a time in a scratch buffer (two, used
+   in turn: the next tensor's transfer overlaps this one's write). No rank ever holds the model:
+   peak extra memory is its staged shards plus twice its largest tensor.
 3. **write**: each owner streams its own ``model-0000i-of-0000n.safetensors`` (header first, then
    tensor bytes in file order), fsyncs it, and hashes it while writing.
 4. **commit**: the ranks exchange their outcome (one ``all_gather_object``). If every rank
@@ -315,7 +316,7 @@ class WeightsPublisher:
         self._specs: list[TensorSpec] | None = None
         self._specs_key: tuple | None = None
         self._stager = ReusedBufferStager(dtype=dtype)
-        self._scratch = torch.empty(0, dtype=torch.uint8)
+        self._scratch = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
         self.records: list[PublishRecord] = []
         self._pending: Future | None = None
         self._pending_record: PublishRecord | None = None
@@ -443,7 +444,7 @@ class WeightsPublisher:
                 self._executor.shutdown(wait=True)
                 self._executor = None
             self._stager.close()
-            self._scratch = torch.empty(0, dtype=torch.uint8)
+            self._scratch = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
 
     def __enter__(self) -> WeightsPublisher:
         return self
@@ -522,7 +523,10 @@ class WeightsPublisher:
     def _write_own_shard(self, step_dir: AnyPath, specs: list[TensorSpec], staged: dict[str, torch.Tensor]) -> dict[str, Any] | None:
         """Send this rank's slices of other ranks' tensors; receive, assemble and write its own.
         Returns its manifest entry ``{"path", "size", "xxh3_64", "tensors"}``, or None if it owns
-        nothing. A write error is raised only after every receive completed (peers never hang)."""
+        nothing. A write error is raised only after every receive completed (peers never hang).
+
+        Receives run one tensor ahead of the write (two scratch buffers, used in turn): the
+        transfer of tensor k+1 overlaps the write of tensor k."""
         rank = _rank()
         owners = sorted({s.owner for s in specs})
         sends = []
@@ -532,7 +536,8 @@ class WeightsPublisher:
                 if buf.numel():
                     sends.append(dist.isend(buf.contiguous(), dst=s.owner, group=self._pg, tag=i))
         mine = [(i, s) for i, s in enumerate(specs) if s.owner == rank]
-        assembled = [0]  # tensors of `mine` received and assembled so far
+        done = 0  # tensors of `mine` whose receives completed
+        pending: tuple[int, Any] | None = None  # (k, posted receives of mine[k])
         entry = None
         try:
             if mine:
@@ -541,37 +546,45 @@ class WeightsPublisher:
                 size = [0]
 
                 def write(f: BinaryIO) -> None:
+                    nonlocal done, pending
+
                     def put(data: memoryview | bytes) -> None:
                         f.write(data)
                         hasher.update(data)
                         size[0] += len(data)
 
                     put(safetensors_header([s for _, s in mine]))
-                    for i, s in mine:
-                        data = self._assemble(i, s, staged)
-                        assembled[0] += 1
+                    pending = (0, self._post(*mine[0], staged, slot=0))
+                    for k in range(len(mine)):
+                        current = pending
+                        pending = (k + 1, self._post(*mine[k + 1], staged, slot=(k + 1) % 2)) if k + 1 < len(mine) else None
+                        data = self._finish(current[1])
+                        done = k + 1
                         put(data)
 
                 atomic_write_streamed(step_dir / name, write)
                 entry = {"path": name, "size": size[0], ALGORITHM: hasher.hexdigest(), "tensors": [s.name for _, s in mine]}
         finally:
             # On a write error, still take every slice the peers send (else they hang in wait()).
-            for i, s in mine[assembled[0] :]:
-                self._assemble(i, s, staged)
+            rest = done
+            if pending is not None and pending[0] >= done:
+                self._finish(pending[1])
+                rest = pending[0] + 1
+            for i, s in mine[rest:]:
+                self._finish(self._post(i, s, staged, slot=0))
             for w in sends:
                 w.wait()
         return entry
 
-    def _assemble(self, index: int, spec: TensorSpec, staged: dict[str, torch.Tensor]) -> memoryview:
-        """The bytes of one whole tensor this rank owns: its own staged copy when replicated,
-        else its slice plus the slices received from the other mesh ranks, in a scratch
-        buffer reused across tensors and steps."""
+    def _post(self, index: int, spec: TensorSpec, staged: dict[str, torch.Tensor], slot: int) -> tuple:
+        """Start assembling one whole tensor this rank owns in scratch buffer ``slot``: copy its
+        own slice, post the receives of the other mesh ranks' slices. Replicated: its staged copy."""
         if spec.shard_dim is None:
-            return _bytes_of(staged[spec.name])
+            return staged[spec.name], []
         nbytes = spec.nbytes
-        if self._scratch.numel() < nbytes:
-            self._scratch = torch.empty(nbytes, dtype=torch.uint8)
-        full = self._scratch[:nbytes].view(spec.dtype).view(spec.shape) if nbytes else torch.empty(spec.shape, dtype=spec.dtype)
+        if self._scratch[slot].numel() < nbytes:
+            self._scratch[slot] = torch.empty(nbytes, dtype=torch.uint8)
+        full = self._scratch[slot][:nbytes].view(spec.dtype).view(spec.shape) if nbytes else torch.empty(spec.shape, dtype=spec.dtype)
         rank, d = _rank(), spec.shard_dim
         n = len(spec.mesh_ranks)
         recvs = []
@@ -587,6 +600,11 @@ class WeightsPublisher:
             else:
                 tmp = torch.empty(part.shape, dtype=spec.dtype)
                 recvs.append(((part, tmp), dist.irecv(tmp, src=src, group=self._pg, tag=index)))
+        return full, recvs
+
+    def _finish(self, posted: tuple) -> memoryview:
+        """Wait for a posted tensor's receives; its bytes (valid until its slot is reused)."""
+        full, recvs = posted
         for pair, work in recvs:
             work.wait()
             if pair is not None:

@@ -215,3 +215,45 @@ def own_moto_server(tmp_path, monkeypatch):
         yield server, _new_bucket(server.endpoint)
     finally:
         server.stop()
+
+
+# -- the inference server (vLLM) ----------------------------------------------------------------
+class VllmServer:
+    """The example's vLLM server (``examples.reverse_text.inference.start_server``) on
+    127.0.0.1 at a free port, from ``.venv-inference`` (``make inference-env``; ``make test``
+    creates it). Attributes: ``url``, ``proc``, ``log``."""
+
+    def __init__(self, work: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.work = work
+        self.log = work / "vllm.log"
+        self.proc = None
+
+    def start(self, timeout: float = 600.0) -> VllmServer:
+        from examples.reverse_text.inference import InferenceClient, InferenceError, inference_python, start_server
+        from examples.reverse_text.model import ModelConfig
+
+        if not inference_python().exists():
+            pytest.fail(f"{inference_python()}: no inference environment; run `make inference-env` (make test does)")
+        self.proc = start_server(ModelConfig(), self.work, self.port, log=self.log)
+        try:
+            InferenceClient(self.url).wait_ready(timeout, should_stop=lambda: self.proc.poll() is not None)
+        except InferenceError as e:
+            self.stop()
+            pytest.fail(f"vLLM server did not start: {e}\n{self.log.read_text()[-4000:]}")
+        return self
+
+    def stop(self) -> None:
+        from examples.reverse_text.inference import stop_server
+
+        if self.proc is not None:
+            stop_server(self.proc)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory):
+    """One vLLM server for the whole test session (ready in ~1 min on 2 cores); stopped at the end."""
+    server = VllmServer(tmp_path_factory.mktemp("vllm")).start()
+    yield server
+    server.stop()
