@@ -200,3 +200,49 @@ def test_sigterm_checkpoints_exits_0_and_resumes_bitwise(tmp_path):
     r = rl(out, "--max-steps", str(t + 1), "--ckpt.interval", "100", "--ckpt.resume-step", "-1")
     assert f"trainer: resumed from checkpoint step {t}" in r.stdout
     assert f"resumed params sha256 {weights_t}" in r.stdout
+
+
+def test_the_spec_commands_as_written(tmp_path):
+    """The spec's commands through the console scripts (README, 'The programs'): the trainer and
+    the orchestrator as two programs with --ckpt.interval, both resumed from a step with
+    --ckpt.resume-step, then ``rl`` resuming the same W&B runs by id."""
+    import subprocess
+
+    from tests.conftest import _env
+
+    bin_dir = Path(sys.executable).parent
+    out = tmp_path / "rt"
+    trainer = [str(bin_dir / "trainer"), "@", "examples/configs/reverse_text/train.toml", "--output-dir", str(out), "--warm-start-steps", "0"]
+    orch = [str(bin_dir / "orchestrator"), "@", "examples/configs/reverse_text/orch.toml", "--output-dir", str(out),
+            "--batch-size", "16", "--inference.backend", "local"]
+
+    def both(*args: str) -> str:
+        procs = [subprocess.Popen([*cmd, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                                  start_new_session=True) for cmd in (trainer, orch)]
+        outs = []
+        for p in procs:
+            try:
+                outs.append(p.communicate(timeout=240)[0])
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    kill_tree(q.pid)
+                pytest.fail("trainer/orchestrator timed out")
+            assert p.returncode == 0, outs[-1][-3000:]
+        return "\n".join(outs)
+
+    first = both("--max-steps", "4", "--ckpt.interval", "2")
+    assert "trainer: fresh start, world size 1" in first and latest_complete_step(out) == 4
+    again = both("--max-steps", "6", "--ckpt.interval", "2", "--ckpt.resume-step", "2")
+    assert "trainer: resumed from checkpoint step 2" in again and "orchestrator: resumed from checkpoint step 2" in again
+    assert sorted(losses(again)) == [3, 4, 5, 6]
+    r = run_proc([
+        str(bin_dir / "rl"), "--trainer", "@", "examples/configs/reverse_text/train.toml",
+        "--orchestrator", "@", "examples/configs/reverse_text/orch.toml", "--orchestrator.inference.backend", "local",
+        "--orchestrator.batch-size", "16", "--output-dir", str(out), "--max-steps", "8", "--nproc", "1",
+        "--ckpt.interval", "2", "--ckpt.resume-step", "6",
+        "--trainer.monitor.wandb.project", "spec", "--trainer.monitor.wandb.id", "trainer-run-1",
+        "--orchestrator.monitor.wandb.project", "spec", "--orchestrator.monitor.wandb.id", "orch-run-1",
+    ], timeout=300, env={"WANDB_DIR": str(tmp_path)})
+    assert "rl: resuming from checkpoint step 6" in r.stdout and sorted(losses(r.stdout)) == [7, 8]
+    runs = {p.name.split("-", 3)[-1] for p in (tmp_path / "wandb").glob("offline-run-*")}
+    assert runs == {"trainer-run-1", "orch-run-1"}, runs

@@ -225,6 +225,9 @@ def inference_python() -> Path:
 def write_base_model(model_cfg: ModelConfig, directory: Path) -> Path:
     """A Hugging Face model dir the server starts on (random weights of the right shape, the
     tokenizer); the orchestrator loads the run's weights into it before sampling."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     directory.mkdir(parents=True, exist_ok=True)
     model = build_model(model_cfg)
     model.save_pretrained(directory)

@@ -161,6 +161,21 @@ def _wandb_init(cfg: TrainerConfig, name: str):
     return run
 
 
+def _ckpt_metrics(checkpointer: Checkpointer | None, logged: set[tuple[str, int]]) -> dict[str, float]:
+    """W&B fields of the checkpoint saves, each logged once: a save's blocking / staging time
+    and bytes when ``save()`` returned, its upload and total time once it is durable (an async
+    save finishes during later steps)."""
+    out: dict[str, float] = {}
+    for r in checkpointer.records if checkpointer is not None else []:
+        if ("saved", r.step) not in logged:
+            out.update({"ckpt/blocking_s": r.blocking_s, "ckpt/staging_s": r.staging_s, "ckpt/bytes": r.bytes})
+            logged.add(("saved", r.step))
+        if r.total_s is not None and ("durable", r.step) not in logged:
+            out.update({"ckpt/upload_s": r.upload_s or 0.0, "ckpt/total_s": r.total_s, "ckpt/durable_step": r.step})
+            logged.add(("durable", r.step))
+    return out
+
+
 def _free_port() -> int:
     import socket
 
@@ -237,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         log(f"trainer: fresh start, world size {world}, wrote weights/step_0", flush=True)
 
     run = _wandb_init(cfg, "trainer") if rank == 0 else None
+    logged_saves: set[tuple[str, int]] = set()  # ("saved" | "durable", step) already sent to W&B
     saved_at, stopped = resume, False
     for n in range(progress.step + 1, cfg.max_steps + 1):
         t0 = time.perf_counter()
@@ -300,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
                 # the previous publish (this one is still in flight): its time until COMPLETE
                 **({"weights/ready_s": publisher.records[-2].ready_s}
                    if len(publisher.records) > 1 and publisher.records[-2].ready_s is not None else {}),
+                **_ckpt_metrics(checkpointer, logged_saves),
             })
     if stopped:
         log(f"trainer: preempted after step {progress.step}", flush=True)
