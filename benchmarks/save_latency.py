@@ -11,6 +11,10 @@ with torchrun under a timeout):
   process mode (staging into reused buffers);
 * S3 (a ``moto`` server on 127.0.0.1 through ``s3fs``): raw upload, DCP's fsspec writer sync,
   and async with :class:`prime_ckpt.staging.ReusedBufferStager`;
+* weights publishing (``weights/step_N``, sizes = fp32 parameter bytes): today's gather to rank 0
+  + one file, :class:`prime_ckpt.publisher.WeightsPublisher` sync and async, raw write + fsync
+  and memcpy of the per-rank bytes (``benchmarks/weights_publish.py``; ``--weights-only``,
+  ``--no-weights``);
 * load time per format, the step-time overhead of an async checkpoint every 10 steps, and RSS
   (peak during async saves, drift over 20 consecutive saves; then 20 training steps with and
   without a save after each, side by side, since training's own allocations move RSS too).
@@ -53,6 +57,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks import weights_publish
+
 MiB = 1 << 20
 GiB = 1 << 30
 HIDDEN = 1024  # Linear(HIDDEN, HIDDEN) layers: 4 MiB of fp32 weights + bias each
@@ -89,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps per mode in the step-overhead loop (default 100; --quick 20)")
     p.add_argument("--rss-saves", type=int, default=None, help="consecutive async saves for the RSS drift check (default 20; --quick 4)")
     p.add_argument("--rss-size", default=None, help="state size of the RSS checks (default: largest size <= 1G)")
+    p.add_argument("--no-weights", action="store_true", help="skip the weights publishing cases")
+    p.add_argument("--weights-only", action="store_true",
+                   help="run only the weights publishing cases (no checkpoint, load, S3, step-overhead or RSS-drift cases)")
+    p.add_argument("--weights-max-size", default="1G", help="run the weights cases for sizes up to this (default 1G)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per world size before its ranks are killed")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--merge", default=None, metavar="A.json,B.json",
@@ -121,6 +131,8 @@ class Settings:
     worker_out: str | None
     s3_endpoint: str | None
     merge: list[Path] | None = None
+    weights_sizes: list[int] = field(default_factory=list)  # parameter bytes; [] = no weights cases
+    weights_only: bool = False
 
 
 def settings_from_args(argv: list[str] | None = None) -> Settings:
@@ -135,7 +147,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         name=a.name or ("quick" if a.quick else "latest"),
         results_dir=Path(a.results_dir),
         workdir=a.workdir,
-        s3=not a.no_s3,
+        s3=not a.no_s3 and not a.weights_only,
         s3_max_size=parse_size(a.s3_max_size),
         process_mode=not a.no_process,
         step_size=parse_size(a.step_size) if a.step_size else (min(sizes) if a.quick else 64 * MiB),
@@ -147,6 +159,8 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         worker_out=a.worker_out,
         s3_endpoint=a.s3_endpoint,
         merge=[Path(m) for m in a.merge.split(",") if m] if a.merge else None,
+        weights_sizes=[] if a.no_weights else [z for z in sizes if z <= parse_size(a.weights_max_size)],
+        weights_only=a.weights_only,
     )
 
 
@@ -361,6 +375,7 @@ def environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "hostname": socket.gethostname(),
+        "loadavg": list(os.getloadavg()),
     }
 
 
@@ -708,14 +723,16 @@ class Worker:
                     self.log(f"{c.name} ({c.storage}) failed: {c.error}")
                     continue
                 vals = self.max_all([blocking, durable, rss.peak_rss - rss.start_rss, rss.peak_rss,
-                                     rss.peak_tree_rss - rss.start_rss, extra.get("staging_s", 0.0)])
+                                     rss.peak_tree_rss - rss.start_rss, extra.get("staging_s", 0.0),
+                                     rss.peak_rss - rss.start_rss if self.rank == 0 else 0.0])
                 try:
                     c.cleanup(rep)
                 except Exception as e:  # noqa: BLE001
                     self.log(f"cleanup of {c.name} failed: {e}")
                 if rep == 0:
                     continue  # warm-up
-                for key, v in zip(("blocking_s", "durable_s", "peak_extra_rss", "peak_rss", "peak_extra_rss_tree", "staging_s"), vals):
+                for key, v in zip(("blocking_s", "durable_s", "peak_extra_rss", "peak_rss", "peak_extra_rss_tree", "staging_s",
+                                   "peak_extra_rss_rank0"), vals):
                     c.samples.setdefault(key, []).append(v)
         for c in cases:
             self.records.append(self.record(c, size, nbytes_total, per_rank))
@@ -738,6 +755,7 @@ class Worker:
             "peak_rss_bytes": max(c.samples["peak_rss"]) if c.samples.get("peak_rss") else None,
             "peak_extra_rss_bytes": summary(c.samples.get("peak_extra_rss", [])),
             "peak_extra_rss_with_children_bytes": summary(c.samples.get("peak_extra_rss_tree", [])),
+            "peak_extra_rss_rank0_bytes": summary(c.samples.get("peak_extra_rss_rank0", [])),
             "note": c.note,
             "error": c.error,
             **{k: self.env[k] for k in ("torch", "cpu_count", "device")},
@@ -936,11 +954,15 @@ class Worker:
         self.barrier()
         # RSS and step time first, in a fresh process: after the size cases glibc keeps gigabytes
         # of freed memory, which would hide what checkpointing adds
-        self.rss_checks()
-        gc.collect()
-        self.step_overhead()
-        gc.collect()
-        for size in self.s.sizes:
+        if not self.s.weights_only:
+            self.rss_checks()
+            gc.collect()
+            self.step_overhead()
+            gc.collect()
+        if self.s.weights_sizes:
+            weights_publish.run(self, Case, write_file_fsync)
+            gc.collect()
+        for size in [] if self.s.weights_only else self.s.sizes:
             t_size = time.perf_counter()
             model, opt = build_state(size)
             per_rank = sum(p.to_local().numel() * 4 * 3 for p in model.parameters())
@@ -1043,8 +1065,18 @@ def _med(r: dict | None, key: str) -> float | None:
 
 
 def compute_targets(records: list[dict], extras: dict[int, dict], world_sizes: list[int], sizes: list[int]) -> dict[str, Any]:
-    """The issue's targets, from this run's medians at the reference configuration (largest world
-    size; 1 GiB state if measured, else the largest size)."""
+    """The checkpoint targets (when checkpoint cases ran) and the weights targets (when weights
+    cases ran), from this run's medians."""
+    targets: dict[str, Any] = {}
+    if any(r["kind"] != "weights" for r in records):
+        targets.update(checkpoint_targets(records, extras, world_sizes, sizes))
+    targets.update(weights_publish.compute_targets(records))
+    return targets
+
+
+def checkpoint_targets(records: list[dict], extras: dict[int, dict], world_sizes: list[int], sizes: list[int]) -> dict[str, Any]:
+    """The checkpoint targets, from this run's medians at the reference configuration (largest
+    world size; 1 GiB state if measured, else the largest size)."""
     ws = max(world_sizes)
     size = GiB if GiB in sizes else max(sizes)
     # the S3 target is defined at 1 GiB: take it at the largest world size that measured 1 GiB on
@@ -1102,11 +1134,17 @@ def _fmt_s(x: dict | None) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     env = result["environment"]
+    load_text = ""
+    if env.get("loadavg"):  # 1/5/15-minute load average when the workers started and when the run ended
+        load_text = "load average " + " / ".join(f"{x:.2f}" for x in env["loadavg"]) + " at the start"
+        load_text += (", " + " / ".join(f"{x:.2f}" for x in env["loadavg_end"]) + " at the end") if env.get("loadavg_end") else ""
+        load_text += " (1 / 5 / 15 min), "
     lines = [
         f"# Save latency: {result['name']}",
         "",
         (
             f"torch {env['torch']}, {env['cpu_count']} CPUs, device {env['device']}, "
+            f"{load_text}"
             f"{result['settings']['reps']} reps after a warm-up (median (min–max), seconds; max over ranks). "
             + (
                 f"Run at {result['created']} in {result['wall_s']:.0f} s."
@@ -1123,6 +1161,22 @@ def markdown(result: dict[str, Any]) -> str:
             )
         ),
         "",
+    ]
+    if any(r["kind"] != "weights" for r in result["records"]):
+        lines += checkpoint_markdown(result)
+    lines += weights_publish.markdown_lines(result)
+    lines += ["## Targets", "", "| target | value | limit | holds | measured as |", "|---|---|---|---|---|"]
+    for k, t in result["targets"].items():
+        if k.startswith("_"):
+            continue
+        v = "—" if t["value"] is None else f"{t['value']:.3f}"
+        lines.append(f"| {k} | {v} | {t['limit']} | {'yes' if t['holds'] else '**no**'} | {t['how']}{'. ' + t['why'] if t.get('why') else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def checkpoint_markdown(result: dict[str, Any]) -> list[str]:
+    """The save, load, step-overhead and RSS sections of the checkpoint cases."""
+    lines = [
         (
             "Blocking = the training loop's stall; durable = until the data is fsync'd / uploaded. "
             "Throughput = state bytes / median durable time (memcpy: per-rank bytes / copy time)."
@@ -1134,7 +1188,7 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["records"]:
-        if r["kind"] == "load":
+        if r["kind"] in ("load", "weights"):
             continue
         rss = r.get("peak_extra_rss_bytes")
         lines.append(
@@ -1169,13 +1223,7 @@ def markdown(result: dict[str, Any]) -> str:
                    f"measured first: {rs['drift_train_only'] * 100:.1f}%, highest {rs['rss_before_bytes'] / MiB:.0f} MiB on rank 0)"
                    if "drift_train_only" in rs else "")
             )
-    lines += ["", "## Targets", "", "| target | value | limit | holds | measured as |", "|---|---|---|---|---|"]
-    for k, t in result["targets"].items():
-        if k.startswith("_"):
-            continue
-        v = "—" if t["value"] is None else f"{t['value']:.3f}"
-        lines.append(f"| {k} | {v} | {t['limit']} | {'yes' if t['holds'] else '**no**'} | {t['how']}{'. ' + t['why'] if t.get('why') else ''} |")
-    return "\n".join(lines) + "\n"
+    return [*lines, ""]
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -1184,11 +1232,17 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = [r for r in result["records"] if r["kind"] != "load" and r.get("durable_s")]
-    wss = sorted({r["world_size"] for r in recs})
-    fig, axes = plt.subplots(2, len(wss), figsize=(7 * len(wss), 9), squeeze=False)
+    recs = [r for r in result["records"] if r["kind"] not in ("load", "weights") and r.get("durable_s")]
+    weights = [r for r in result["records"] if r["kind"] == "weights" and r.get("durable_s")]
+    wss = sorted({r["world_size"] for r in recs + weights})
+    keys = ("blocking_s", "durable_s") if recs else ()
+    fig, axes = plt.subplots(len(keys) + bool(weights), len(wss), figsize=(7 * len(wss), 4.5 * (len(keys) + bool(weights))), squeeze=False)
+    if weights:
+        weights_publish.plot_row(list(axes[-1]), weights, wss)
     for j, ws in enumerate(wss):
-        for i, key in enumerate(("blocking_s", "durable_s")):
+        if not recs:
+            continue
+        for i, key in enumerate(keys):
             ax = axes[i][j]
             for label in sorted({(r["case"], r["storage"]) for r in recs if r["world_size"] == ws}):
                 pts = sorted((r["size_bytes"], r[key]["median"]) for r in recs
@@ -1237,10 +1291,11 @@ def launcher(s: Settings, argv: list[str]) -> Path:
         "name": s.name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "wall_s": time.perf_counter() - t0,
-        "environment": env or environment(),
+        "environment": {**(env or environment()), "loadavg_end": list(os.getloadavg())},
         "settings": {"sizes": s.sizes, "world_sizes": s.world_sizes, "reps": s.reps, "quick": s.quick, "s3": s.s3,
                      "s3_max_size": s.s3_max_size, "step_size": s.step_size, "steps": s.steps,
-                     "rss_saves": s.rss_saves, "rss_size": s.rss_size},
+                     "rss_saves": s.rss_saves, "rss_size": s.rss_size, "weights_sizes": s.weights_sizes,
+                     "weights_only": s.weights_only},
         "errors": errors,
         "records": records,
         "extras": {str(k): v for k, v in extras.items()},
@@ -1314,11 +1369,12 @@ def merge_results(paths: list[Path], name: str) -> dict[str, Any]:
 
 def explain(result: dict[str, Any]) -> None:
     """Attach a one-line 'why' (with the measurement) to each target that does not hold."""
+    weights_publish.explain(result)
     t = result["targets"]
     ref = t.get("_reference", {})
     recs = result["records"]
     ws, size = ref.get("world_size"), ref.get("size_bytes")
-    if not t:
+    if not ref:  # no checkpoint cases ran
         return
 
     def med(case: str, key: str, storage: str = "local", sz: int | None = None) -> float | None:

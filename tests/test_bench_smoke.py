@@ -1,5 +1,6 @@
-"""Smoke test of benchmarks/save_latency.py in its smallest --quick mode: it runs to the end under
-a hard timeout and writes the JSON / markdown / plot with the documented schema. No timing is
+"""Smoke test of benchmarks/save_latency.py in its smallest --quick mode (checkpoint and weights
+cases side by side), and of the weights cases alone at world size 2: each runs to the end under a
+hard timeout and writes the JSON / markdown / plot with the documented schema. No timing is
 asserted anywhere (timings on shared CI machines are noise)."""
 
 from __future__ import annotations
@@ -26,6 +27,19 @@ TARGETS = {
     "async_peak_rss_vs_state",
     "rss_drift_20_saves",
 }
+WEIGHTS_TARGETS = {"weights_blocking_vs_memcpy", "weights_ready_vs_raw_write", "weights_peak_rss_vs_share", "weights_vs_gather_blocking"}
+WEIGHTS_CASES = {("weights_gather", "local"), ("weights_sync", "local"), ("weights_async", "local"),
+                 ("weights_raw_write", "local"), ("weights_memcpy", "memory")}
+
+
+def check_targets(result: dict, names: set[str]) -> dict:
+    targets = {k: v for k, v in result["targets"].items() if not k.startswith("_")}
+    assert set(targets) == names
+    for name, t in targets.items():
+        assert {"value", "limit", "holds", "how"} <= t.keys(), name
+        assert isinstance(t["value"], float) and math.isfinite(t["value"]), name
+        assert isinstance(t["limit"], float | int) and isinstance(t["holds"], bool), name
+    return targets
 
 
 def test_quick_benchmark_writes_results_with_schema(tmp_path):
@@ -46,7 +60,7 @@ def test_quick_benchmark_writes_results_with_schema(tmp_path):
     assert {("memcpy", "memory"), ("raw_write", "local"), ("torch_save", "local"), ("dcp_save", "local"),
             ("dcp_async_default", "local"), ("ckpt_sync", "local"), ("ckpt_async_thread", "local"),
             ("raw_write", "s3"), ("dcp_save", "s3"), ("dcp_async_reused", "s3"),
-            ("raw_read", "local"), ("torch_load", "local"), ("ckpt_load", "local"), ("dcp_load", "s3")} <= cases
+            ("raw_read", "local"), ("torch_load", "local"), ("ckpt_load", "local"), ("dcp_load", "s3")} | WEIGHTS_CASES <= cases
     for r in result["records"]:
         assert r["error"] is None, r
         for key in ("case", "kind", "storage", "world_size", "size_bytes", "per_rank_bytes", "reps", "blocking_s",
@@ -58,12 +72,8 @@ def test_quick_benchmark_writes_results_with_schema(tmp_path):
             assert r[stat]["min"] <= r[stat]["median"] <= r[stat]["max"]
         assert r["throughput_gbps"] > 0
 
-    targets = {k: v for k, v in result["targets"].items() if not k.startswith("_")}
-    assert set(targets) == TARGETS
-    for name, t in targets.items():
-        assert {"value", "limit", "holds"} <= t.keys(), name
-        assert isinstance(t["value"], float) and math.isfinite(t["value"]), name
-        assert isinstance(t["limit"], float | int) and isinstance(t["holds"], bool), name
+    targets = check_targets(result, TARGETS | WEIGHTS_TARGETS)
+    assert "## Weights publish" in (tmp_path / "smoke.md").read_text()
 
     # the RSS check: training alone first, then consecutive saves (the target), then training with saves
     rss = result["extras"]["1"]["rss"]
@@ -88,10 +98,36 @@ def test_quick_benchmark_writes_results_with_schema(tmp_path):
     assert merged["settings"]["world_sizes"] == [1, 2]
     assert len(merged["records"]) == 2 * len(result["records"])
     assert [la["file"] for la in merged["settings"]["launches"]] == ["smoke.json", "ws2.json"]
-    for name in TARGETS:
+    for name in TARGETS | WEIGHTS_TARGETS:
         assert merged["targets"][name]["value"] == pytest.approx(result["targets"][name]["value"]), name
     assert "reps after a warm-up" in (tmp_path / "merged.md").read_text() and "Merged from launches" in (tmp_path / "merged.md").read_text()
     dup = run_proc([sys.executable, str(SCRIPT), "--merge", f"{tmp_path / 'smoke.json'},{tmp_path / 'smoke.json'}",
                     "--results-dir", str(tmp_path)], timeout=120, check=False)
     said = (dup.stdout or "") + (dup.stderr or "")
     assert dup.returncode == 1 and "world size 1 is also in" in said and said.count("\n") == 1, said
+
+
+def test_weights_only_benchmark_at_world_size_2(tmp_path):
+    """--weights-only: the five weights cases at world size 2 (the sharded publish redistributes
+    slices between the ranks), the four weights targets and nothing else, the markdown section
+    with the load average, and the plot."""
+    args = ["--weights-only", "--world-sizes", "2", "--sizes", "8M", "--reps", "1", "--name", "weights",
+            "--results-dir", str(tmp_path), "--timeout", "100"]
+    run_proc([sys.executable, str(SCRIPT), *args], timeout=110)
+    result = json.loads((tmp_path / "weights.json").read_text())
+    assert result["errors"] == [] and result["settings"]["weights_only"] is True
+    assert {(r["case"], r["storage"]) for r in result["records"]} == WEIGHTS_CASES
+    for r in result["records"]:
+        assert r["error"] is None and r["kind"] == "weights" and r["world_size"] == 2 and r["reps"] == 1, r
+        assert r["per_rank_bytes"] * 2 == r["param_bytes"] == r["state_bytes"], r
+        assert set(r["peak_extra_rss_rank0_bytes"]) == {"median", "min", "max"} and len(r["loadavg"]) == 3, r
+        for stat in ("blocking_s", "durable_s"):
+            assert r[stat]["min"] <= r[stat]["median"] <= r[stat]["max"]
+        if r["case"] in ("weights_sync", "weights_async"):
+            assert r["staged_bytes"] == r["per_rank_bytes"] and r["file_bytes"] > 0, r
+    check_targets(result, WEIGHTS_TARGETS)
+    assert result["targets"]["_weights_reference"] == {"world_size": 2, "size_bytes": 8 << 20}
+    assert len(result["environment"]["loadavg"]) == len(result["environment"]["loadavg_end"]) == 3
+    md = (tmp_path / "weights.md").read_text()
+    assert "## Weights publish" in md and "load average" in md and "## Save" not in md
+    assert (tmp_path / "weights.png").stat().st_size > 0
