@@ -217,11 +217,14 @@ def open_safetensors(file: Path) -> TensorSource:
     from prime_ckpt.manifest import safetensors_header
 
     try:
-        header, _ = safetensors_header(file)
+        header, expected = safetensors_header(file)
+        size = file.stat().st_size
     except OSError as e:
         raise ConvertError(f"{file}: cannot read ({e.strerror or type(e).__name__})") from None
     except ValueError as e:
         raise ConvertError(str(e)) from None
+    if size != expected:
+        raise ConvertError(f"{file}: size {size} != {expected} declared by its header (truncated?)")
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         if name == "__metadata__":

@@ -195,13 +195,13 @@ def write_consumer_ack(output_dir: AnyPath | str, step: int, *, consumer: str = 
     acknowledgement back (the server is told to load older weights): the last write wins.
 
     Raises:
-        ValueError: ``step < 0``.
+        ValueError: ``step`` is not an int >= 0.
     """
     import json
     import time
 
-    if step < 0:
-        raise ValueError(f"consumer acknowledgement: step must be >= 0, got {step}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"consumer acknowledgement: step must be an int >= 0, got {step!r}")
     path = to_path(output_dir) / CONSUMER_ACK_FILE
     atomic_write_bytes(path, json.dumps({"step": int(step), "consumer": consumer, "time": time.time()}).encode())
     return path

@@ -70,6 +70,7 @@ from prime_ckpt.storage import (
     atomic_write_streamed,
     fsync_dir,
     is_remote,
+    one_line,
     remove_tree,
 )
 
@@ -212,11 +213,6 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
 def _clean_name(name: str) -> str:
     for token in _WRAPPER_TOKENS:
         name = name.replace(token, "")
@@ -281,8 +277,9 @@ class WeightsPublisher:
         save_async: True: :meth:`publish` returns once the local shards are staged and the rest
             runs on a background thread; False: it returns once ``COMPLETE`` is written (same
             files).
-        dtype: export dtype of floating-point tensors (e.g. ``torch.bfloat16`` from fp32 master
-            weights; ``"bfloat16"`` is accepted too); None keeps the parameters' dtypes.
+        dtype: export dtype of floating-point tensors: ``torch.float32``, ``torch.bfloat16`` or
+            ``torch.float16`` (or their names, ``"bfloat16"`` ...), e.g. bf16 from fp32 master
+            weights; None keeps the parameters' dtypes. Anything else raises ``ValueError``.
         config: JSON-serialisable ``config.json`` for a model that is not a ``transformers``
             model; None takes ``model.config`` (Hugging Face) when there is one.
         tokenizer: a ``transformers`` tokenizer whose ``save_pretrained`` files go into every
@@ -310,6 +307,8 @@ class WeightsPublisher:
             if dtype not in EXPORT_DTYPES:
                 raise ValueError(f"weights dtype {dtype!r}: expected one of {', '.join(EXPORT_DTYPES)}")
             dtype = EXPORT_DTYPES[dtype]
+        elif dtype is not None and dtype not in EXPORT_DTYPES.values():
+            raise ValueError(f"weights dtype {dtype}: expected one of {', '.join(EXPORT_DTYPES)} (a float dtype inference engines load)")
         self.dtype: torch.dtype | None = dtype
         self._config, self._tokenizer = config, tokenizer
         self._files: dict[str, bytes] | None = None
@@ -381,9 +380,12 @@ class WeightsPublisher:
         Raises:
             WeightsPublishError: the previous (async) or this (sync) publish failed, on every rank.
             RuntimeError: after :meth:`close`.
+            ValueError: ``step`` is not an int >= 0.
         """
         if self._closed:
             raise RuntimeError("WeightsPublisher.publish() after close()")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"WeightsPublisher.publish(): step must be an int >= 0, got {step!r}")
         t_call = time.perf_counter()
         self.wait()
         record = PublishRecord(step=step, mode="async" if self.save_async else "sync", world_size=_world_size())
@@ -471,11 +473,11 @@ class WeightsPublisher:
             if rank == 0:
                 try:
                     if remove_tree(step_dir):
-                        logger.warning("%s existed without being published by this run; replaced", step_dir)
+                        logger.warning("%s already existed (an interrupted or repeated publish of this step); replaced", step_dir)
                     if not is_remote(step_dir):
                         step_dir.mkdir(parents=True, exist_ok=True)
                 except Exception as e:
-                    prep[0] = _one_line(e)
+                    prep[0] = one_line(e)
             self._broadcast(prep)
             if prep[0] is not None:
                 failures = {0: prep[0]}
@@ -486,7 +488,7 @@ class WeightsPublisher:
             try:
                 entry = self._write_own_shard(step_dir, specs, staged)
             except Exception as e:
-                error = _one_line(e)
+                error = one_line(e)
                 logger.error("%s: rank %d could not write its weights shard: %s", step_dir, rank, error)
             outcomes: list[Any] = [None] * world
             if self._pg is not None:
@@ -502,13 +504,13 @@ class WeightsPublisher:
                 try:
                     self._commit(step_dir, specs, [e for _, e in outcomes if e is not None])
                 except Exception as e:
-                    done[0] = _one_line(e)
+                    done[0] = one_line(e)
             if not failures:
                 self._broadcast(done)
                 if done[0] is not None:
                     failures = {0: done[0]}
         except Exception as e:  # a collective failed: a peer died or timed out
-            failures = {**failures, rank: _one_line(e)}
+            failures = {**failures, rank: one_line(e)}
         finally:
             if failures:
                 record.error = "; ".join(f"rank {r}: {m}" for r, m in sorted(failures.items()))

@@ -145,9 +145,14 @@ def refresh(path: AnyPath) -> None:
             cache.pop(k, None)
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
+    """``"ExceptionType: message"`` on one line (whitespace runs collapsed): how a failure is
+    named in an error that reports it (a save, a publish, a remote backend)."""
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+_one_line = one_line
 
 
 @contextmanager

@@ -25,7 +25,7 @@ from safetensors.torch import load, load_file, save, save_file
 from torch import nn
 
 from prime_ckpt.layout import CONFIG_FILE, MODEL_FILE, WEIGHTS_MARKER, RunLayout, weights_complete, weights_files
-from prime_ckpt.manifest import write_manifest
+from prime_ckpt.manifest import safetensors_header, write_manifest
 from prime_ckpt.storage import AnyPath, atomic_write_bytes, fsync_dir, fsync_file, is_remote, remove_tree, to_path
 
 
@@ -112,7 +112,8 @@ def load_weights(step_dir: AnyPath | str) -> tuple[dict[str, torch.Tensor], dict
     Raises:
         FileNotFoundError: the directory or its ``COMPLETE`` marker is missing, or a shard the
             index names is missing (names the path).
-        ValueError: the index is unreadable, or a tensor appears in two shards.
+        ValueError: the index is unreadable, a shard is not safetensors or shorter / longer
+            than its header declares, or a tensor appears in two shards (names the file).
     """
     step_dir = to_path(step_dir)
     if not weights_complete(step_dir):
@@ -121,6 +122,10 @@ def load_weights(step_dir: AnyPath | str) -> tuple[dict[str, torch.Tensor], dict
     for f in weights_files(step_dir):
         if not f.is_file():
             raise FileNotFoundError(f"{f}: missing (named by the weights index)")
+        _, expected = safetensors_header(f)  # ValueError naming the file if it is not safetensors
+        size = f.stat().st_size
+        if size != expected:
+            raise ValueError(f"{f}: size {size} != {expected} declared by its header (truncated?)")
         part = load(f.read_bytes()) if is_remote(f) else load_file(str(f))
         dup = set(part) & set(sd)
         if dup:

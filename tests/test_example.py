@@ -73,6 +73,13 @@ def test_model_init_and_sampling_are_deterministic():
     assert torch.allclose(lp, r1["logprobs"], atol=1e-5)
 
 
+@pytest.mark.parametrize("d_model,n_heads", [(96, 2), (64, 4), (48, 1)])
+def test_model_shapes_vllm_cannot_serve_are_refused(d_model, n_heads):
+    """Head dims 48, 16 and 48: vLLM's CPU attention would fail at the first request."""
+    with pytest.raises(ValueError, match="vLLM's CPU attention serves 32, 64, 80"):
+        ModelConfig(d_model=d_model, n_heads=n_heads)
+
+
 def test_route_splits_flags():
     t, o, n = route([
         "--trainer", "@", "t.toml", "--orchestrator", "@o.toml", "--ckpt.interval", "10", "--ckpt.save-async",

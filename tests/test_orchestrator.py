@@ -150,3 +150,16 @@ def test_a_foreign_file_is_refused_without_importing_torch(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120).stdout
     assert "refused: " in out and "not a torch file" in out and "torch imported: False" in out
+
+
+def test_consumer_ack_takes_int_steps_only(tmp_path):
+    from prime_ckpt.orchestrator import read_consumer_ack, write_consumer_ack
+
+    for bad in (True, 3.7, "5", -1):
+        with pytest.raises(ValueError, match="step must be an int >= 0"):
+            write_consumer_ack(tmp_path, bad)
+    assert read_consumer_ack(tmp_path) is None
+    write_consumer_ack(tmp_path, 4)
+    assert read_consumer_ack(tmp_path) == 4
+    (tmp_path / "consumer_ack.json").write_text("not json")
+    assert read_consumer_ack(tmp_path) is None  # unreadable: pins nothing extra

@@ -215,3 +215,29 @@ def test_fsdp2_llama_publish_loads_with_from_pretrained(tmp_path, run_ranks, npr
     assert "from_pretrained equals the trainer's parameters bitwise" in out, out[-3000:]
     assert out.count("WeightsPublishError:") == nproc, out[-3000:]
     assert "step 2 incomplete, step 1 untouched" in out
+
+
+def test_bad_dtype_and_step_types_are_refused(tmp_path):
+    """Only the float dtypes inference engines load (an int8 'export' published zeros)."""
+    for bad in (torch.int8, torch.float64, torch.complex64):
+        with pytest.raises(ValueError, match="weights dtype"):
+            WeightsPublisher(tmp_path, dtype=bad)
+    with WeightsPublisher(tmp_path, save_async=False) as pub:
+        for bad in ("3", True, -1, 2.0):
+            with pytest.raises(ValueError, match="step must be an int >= 0"):
+                pub.publish(bad, Small())
+
+
+def test_a_truncated_shard_is_named_by_every_reader(tmp_path):
+    """load_weights and convert say which shard is short (one line), never a library traceback."""
+    from prime_ckpt.convert import ConvertError, open_source
+
+    with WeightsPublisher(tmp_path, save_async=False) as pub:
+        pub.publish(1, Small())
+    step_dir = RunLayout(tmp_path).weights_step_dir(1)
+    shard = step_dir / "model-00001-of-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"model-00001-of-00001.safetensors: size \d+ != \d+ declared by its header"):
+        load_weights(step_dir)
+    with pytest.raises(ConvertError, match=r"model-00001-of-00001.safetensors: size \d+ != \d+ declared by its header"):
+        open_source(step_dir)

