@@ -261,6 +261,24 @@ class S3Storage:
             pass
 
 
+def staging_floor(flat_src, flat_dst) -> tuple[Callable[[], None], str]:
+    """``(copy, note)``: the staging limit, one warm copy of the per-rank bytes. On a GPU a
+    device-to-host copy into pinned memory that is already allocated (what staging does there);
+    else a flat copy of ``flat_src`` into ``flat_dst`` (CPU float32 tensors of the per-rank size)."""
+    import torch
+
+    if torch.cuda.is_available():
+        dev_src = flat_src.to("cuda")
+        pinned_dst = torch.zeros_like(flat_src).pin_memory()
+
+        def copy() -> None:
+            pinned_dst.copy_(dev_src, non_blocking=True)
+            torch.cuda.synchronize()
+
+        return copy, "warm device-to-host copy of the per-rank bytes into pinned memory (staging limit)"
+    return (lambda: flat_dst.copy_(flat_src)), "warm flat copy of the per-rank bytes (staging limit)"
+
+
 def write_file_fsync(path: str, buf) -> None:
     """Sequential write of a flat CPU tensor's bytes, then fsync (writes in 256 MiB chunks:
     one ``write`` call moves at most ~2 GiB on Linux)."""
@@ -540,22 +558,7 @@ class Worker:
             return cleanup
 
         # baselines -------------------------------------------------------------------------
-        if torch.cuda.is_available():
-            # the staging floor on a GPU: one device-to-host copy of the per-rank bytes into
-            # pinned memory that is already allocated
-            dev_src = torch.ones(per_rank // 4, dtype=torch.float32, device="cuda")
-            pinned_dst = torch.zeros(per_rank // 4, dtype=torch.float32, pin_memory=True)
-
-            def copy_floor() -> None:
-                pinned_dst.copy_(dev_src, non_blocking=True)
-                torch.cuda.synchronize()
-
-            memcpy_note = "warm device-to-host copy of the per-rank bytes into pinned memory (staging limit)"
-        else:
-            def copy_floor() -> None:
-                flat_dst.copy_(flat_src)
-
-            memcpy_note = "warm flat copy of the per-rank bytes (staging limit)"
+        copy_floor, memcpy_note = staging_floor(flat_src, flat_dst)
         cases.append(Case("memcpy", "memory", "baseline", lambda rep: timed(copy_floor), note=memcpy_note))
         for st in storages:
             raw = lambda rep, st=st: st.path(f"raw_{rep}_r{rank}.bin")
@@ -960,7 +963,7 @@ class Worker:
             self.step_overhead()
             gc.collect()
         if self.s.weights_sizes:
-            weights_publish.run(self, Case, write_file_fsync)
+            weights_publish.run(self, Case, write_file_fsync, staging_floor)
             gc.collect()
         for size in [] if self.s.weights_only else self.s.sizes:
             t_size = time.perf_counter()

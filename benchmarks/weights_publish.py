@@ -91,12 +91,13 @@ def build_model(param_bytes: int, seed: int = 0):
     return model
 
 
-def cases(w: Any, make_case: Callable[..., Any], write_fsync: Callable[[str, Any], None], size: int, model,
+def cases(w: Any, make_case: Callable[..., Any], write_fsync: Callable[[str, Any], None], floor: Callable[..., Any], size: int, model,
           per_rank: int) -> tuple[list[Any], Callable[[], None]]:
     """The five cases at one size, and a function that closes the publishers.
 
     ``w`` is the script's ``Worker`` (``rank``, ``ws``, ``root``, ``barrier()``, ``s.timeout``);
-    ``make_case`` its ``Case`` class; ``write_fsync(path, flat_tensor)`` its raw write + fsync.
+    ``make_case`` its ``Case`` class; ``write_fsync(path, flat_tensor)`` its raw write + fsync;
+    ``floor(flat_src, flat_dst)`` its staging floor (``staging_floor``: the copy and its note).
     """
     import torch
 
@@ -145,16 +146,7 @@ def cases(w: Any, make_case: Callable[..., Any], write_fsync: Callable[[str, Any
                              note=f"WeightsPublisher {'async' if is_async else 'sync'}: sharded, one file per rank"))
         out[-1].publisher = pub
 
-    if torch.cuda.is_available():
-        dev_src = torch.ones(per_rank // 4, dtype=torch.float32, device="cuda")
-        pinned_dst = torch.zeros(per_rank // 4, dtype=torch.float32, pin_memory=True)
-
-        def copy_floor() -> None:
-            pinned_dst.copy_(dev_src, non_blocking=True)
-            torch.cuda.synchronize()
-    else:
-        def copy_floor() -> None:
-            flat_dst.copy_(flat_src)
+    copy_floor, _ = floor(flat_src, flat_dst)
 
     def timed(fn: Callable[[], Any]) -> tuple[float, float, dict[str, float]]:
         t0 = time.perf_counter()
@@ -185,7 +177,7 @@ def cases(w: Any, make_case: Callable[..., Any], write_fsync: Callable[[str, Any
     return out, close
 
 
-def run(w: Any, make_case: Callable[..., Any], write_fsync: Callable[[str, Any], None]) -> None:
+def run(w: Any, make_case: Callable[..., Any], write_fsync: Callable[[str, Any], None], floor: Callable[..., Any]) -> None:
     """Every weights size of ``w.s.weights_sizes``: build the model, run the cases with
     ``w.run_cases`` (which appends one record per case to ``w.records``), add rank 0's publish
     sizes and the load average to those records."""
@@ -195,7 +187,7 @@ def run(w: Any, make_case: Callable[..., Any], write_fsync: Callable[[str, Any],
         per_rank = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
         total = w.sum_all(per_rank)
         w.log(f"weights {_fmt_size(size)}: {total / MiB:.0f} MiB of parameters, {per_rank / MiB:.0f} MiB/rank")
-        cs, close = cases(w, make_case, write_fsync, size, model, per_rank)
+        cs, close = cases(w, make_case, write_fsync, floor, size, model, per_rank)
         gc.collect()
         settle()
         w.run_cases(cs, w.s.reps, total, per_rank, size)
