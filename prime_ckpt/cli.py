@@ -396,7 +396,7 @@ def inspect_cmd(
 
 # -- plan / prune ------------------------------------------------------------------------------
 _RunDir = Annotated[str, typer.Argument(metavar="OUTPUT_DIR", help="Run output dir (holds checkpoints/ and weights/)." + _URL_HELP)]
-_Keep = Annotated[int | None, typer.Option("--keep", min=1, help="Keep the K newest complete checkpoint steps (default: keep all).")]
+_Keep = Annotated[int | None, typer.Option("--keep", min=1, help="Keep the K newest complete checkpoint steps and the weights they pin (default: keep everything; nothing is deleted, as in the trainer without --ckpt.keep).")]
 _KeepInterval = Annotated[int | None, typer.Option("--keep-interval", min=1, help="Also keep checkpoint steps that are multiples of N.")]
 _AsyncLevel = Annotated[
     int | None,
@@ -408,7 +408,7 @@ _AsyncLevel = Annotated[
 ]
 _CurrentStep = Annotated[
     int | None,
-    typer.Option("--current-step", min=0, help="The trainer's current step; higher steps belong to another run and are kept (default: the highest step on disk)."),
+    typer.Option("--current-step", min=0, help="The trainer's current step; higher steps are kept (default: the highest step on disk: a run's entry sets an earlier run's steps aside, so what is on disk is the live run's, see run.json)."),
 ]
 _WeightsInterval = Annotated[int | None, typer.Option("--weights-interval", min=1, help="Also keep weights steps that are multiples of N.")]
 _ConsumerStep = Annotated[int | None, typer.Option("--consumer-step", min=0, help="Last weights step the inference side acknowledged; steps >= it are kept.")]
@@ -575,7 +575,11 @@ def list_cmd(
       {path, parts: ["trainer", "orchestrator"?] (what this run writes),
        latest_complete_step: int | null,
        policy: {keep, keep_interval, async_level, weights_interval, consumer_step} | null,
-       checkpoints: [{step, path, complete, parts: {trainer: bool, orchestrator: bool},
+       latest_resumable_step: int | null (what --ckpt.resume-step -1 loads),
+       run: {run_id, start_step, ...} | null (run.json: the live run),
+       superseded: ["superseded/<time>-<run id>"] (earlier runs' steps set aside, never deleted),
+       checkpoints: [{step, path, complete, resumable, foreign: str | null,
+                      parts: {trainer: bool, orchestrator: bool},
                       present: [part], bytes (on disk), manifest: bool,
                       progress: {step, total_samples, total_tokens, total_problems} | null
                                 (from orchestrator.pt),
@@ -583,7 +587,7 @@ def list_cmd(
                                  (from the trainer's save_info.json),
                       retention: {action: "keep"|"delete", reasons: [str]} | null,
                       problems: [str]}],
-       weights: [{step, path, complete, bytes, manifest, retention}],
+       weights: [{step, path, complete, bytes, manifest, retention, foreign, problem}],
        ignored: ["checkpoints/<name>" not ours]}
     Exit codes: 0 listed (also when there are no steps); 2 bad path or option.
     """
@@ -602,13 +606,14 @@ def list_cmd(
     con = _console()
     con.print(f"[bold]{table['path']}[/]  parts per step: {'+'.join(table['parts'])}")
     t = Table(title="checkpoint steps", title_justify="left")
-    for col in ("step", "status", "parts", "bytes", "manifest", "progress (step/samples/tokens)", "save", "retention"):
+    for col in ("step", "status", "resumable", "parts", "bytes", "manifest", "progress (step/samples/tokens)", "save", "retention"):
         t.add_column(col, overflow="fold", justify="right" if col in ("step", "bytes") else "left")
     for r in table["checkpoints"]:
         pr = r["progress"]
         si = r["save_info"]
         t.add_row(
-            str(r["step"]), _flag(r["complete"]), _parts_cell(r["parts"], r["present"]), _fmt_bytes(r["bytes"]),
+            str(r["step"]), "[yellow]not ours[/]" if r["foreign"] else _flag(r["complete"]),
+            "yes" if r["resumable"] else "[red]no[/]", _parts_cell(r["parts"], r["present"]), _fmt_bytes(r["bytes"]),
             "yes" if r["manifest"] else "-",
             f"{pr['step']}/{pr['total_samples']}/{pr['total_tokens']}" if pr else "-",
             f"{si.get('mode', '?')}, {si.get('world_size', '?')} ranks" if si else "-",
@@ -619,14 +624,24 @@ def list_cmd(
     for col in ("step", "status", "bytes", "manifest", "retention"):
         w.add_column(col, overflow="fold", justify="right" if col in ("step", "bytes") else "left")
     for r in table["weights"]:
-        w.add_row(str(r["step"]), _flag(r["complete"]), _fmt_bytes(r["bytes"]), "yes" if r["manifest"] else "-", _retention_cell(r["retention"]))
+        w.add_row(str(r["step"]), "[yellow]not ours[/]" if r["foreign"] else _flag(r["complete"]), _fmt_bytes(r["bytes"]),
+                  "yes" if r["manifest"] else "-", _retention_cell(r["retention"]))
     con.print(w if table["weights"] else "no weight steps")
-    con.print(f"latest complete step: {table['latest_complete_step']}")
+    con.print(f"latest complete step: {table['latest_complete_step']}; latest resumable step: {table['latest_resumable_step']}")
+    if table["run"]:
+        run = table["run"]
+        con.print(f"live run: {run.get('run_id')} (started from {'checkpoint step ' + str(run['start_step']) if run.get('start_step') is not None else 'scratch'})")
+    if table["superseded"]:
+        con.print("set aside by a later run (never deleted): " + ", ".join(table["superseded"]))
     if table["ignored"]:
         con.print("not ours (ignored): " + ", ".join(table["ignored"]))
     for r in table["checkpoints"]:
         for problem in r["problems"]:
             typer.echo(f"warning: {_redact(problem)}", err=True)
+    for r in table["weights"]:
+        if r["foreign"] or r["problem"]:
+            why = f"not this project's ({r['foreign']}); kept" if r["foreign"] else f"not complete: {r['problem']}"
+            typer.echo(f"warning: {_redact(r['path'])}: {why}", err=True)
 
 
 # -- verify / manifest --------------------------------------------------------------------------
@@ -673,7 +688,8 @@ def verify_cmd(
     A step without manifest.json fails ("no manifest") unless --allow-missing-manifest;
     `prime-ckpt manifest PATH` writes one for checkpoints saved before manifests existed.
     A part written after the manifest (orchestrator.pt) is "unverified": checked, not hashed.
-    Writes nothing. A progress bar is shown on stderr when it is a terminal.
+    A manifest entry outside the step dir (absolute, "..", or a symlink out of it) is a problem
+    and is never read. Writes nothing. A progress bar is shown on stderr when it is a terminal.
     JSON ("schema": "prime-ckpt.verify/1"):
       {path, ok: bool, allow_missing_manifest, complete_only,
        steps: [{path, kind: "checkpoint"|"weights", step, status: "ok"|"failed"|"no manifest"|
@@ -779,7 +795,7 @@ def convert_cmd(
     to: Annotated[_To | None, typer.Option("--to", help="Output format (default: dcp with --from torch-save; required otherwise).")] = None,
     from_: Annotated[_From, typer.Option("--from", help="Input format: auto (DCP or weights dir) or torch-save (a torch.save file).")] = _From.auto,
     dtype: Annotated[_DType | None, typer.Option("--dtype", help="safetensors only: cast floating-point tensors to this dtype.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists (a directory only if it is a DCP dir).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists (a directory only if it is a DCP dir; never a part of a checkpoint).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print what was written as JSON.")] = False,
 ) -> None:
     """Convert a checkpoint: DCP -> torch.save file or model.safetensors; torch.save -> DCP.
@@ -794,8 +810,9 @@ def convert_cmd(
                       "app" key is stored under "app" (keys app.model.* like the trainer's).
     .metadata is read through the restricted unpickler and non-tensor values with
     weights_only=True. The input is never modified; OUT is written under a temp name and
-    renamed into place; an existing OUT is refused without --force; OUT inside the input is
-    refused.
+    renamed into place; an existing OUT is refused without --force; OUT inside the input, or
+    inside any checkpoint or weights step (checkpoints/step_<N>, weights/step_<N>, a DCP dir;
+    symlinks resolved), is refused even with --force.
     JSON: {"schema": "prime-ckpt.convert/1", source, source_kind: "dcp"|"weights"|"torch-save",
            output, format, tensors, bytes, dtype, wrapped_in_app}
     Local paths only for now (a URL is refused, exit 2).

@@ -291,7 +291,8 @@ def describe_trainer_part(trainer_dir: AnyPath | str, name_filter: str | None = 
     ``.metadata`` exists but cannot be read safely.
     """
     trainer_dir = to_path(trainer_dir)
-    if not trainer_part_complete(trainer_dir):
+    refresh(trainer_dir / DCP_METADATA_FILE)
+    if not (trainer_dir / DCP_METADATA_FILE).is_file():
         return TrainerPartInfo(path=str(trainer_dir), complete=False)
     md = read_dcp_metadata(trainer_dir)
     listed = _remote_entries(trainer_dir) if is_remote(trainer_dir) else {}
@@ -592,6 +593,10 @@ class ListedCheckpoint:
     save_info: dict[str, Any] | None
     retention: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)
+    #: complete, ours, and (when the run publishes weights) its weights [x - k, x] complete
+    resumable: bool = False
+    #: why the directory is not this project's (kept, never resumed or deleted), else None
+    foreign: str | None = None
 
 
 @dataclass
@@ -604,6 +609,8 @@ class ListedWeights:
     bytes: int
     manifest: bool
     retention: dict[str, Any] | None = None
+    foreign: str | None = None
+    problem: str | None = None
 
 
 @dataclass
@@ -617,6 +624,12 @@ class RunTable:
     checkpoints: list[ListedCheckpoint]
     weights: list[ListedWeights]
     ignored: list[str]
+    #: the newest step a resume (-1) would load, or None
+    latest_resumable_step: int | None = None
+    #: the live run's record (run.json: run_id, start_step, what it set aside), or None
+    run: dict[str, Any] | None = None
+    #: the directories under superseded/ (earlier runs' steps, set aside on entry)
+    superseded: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": LIST_SCHEMA, **asdict(self)}
@@ -653,9 +666,25 @@ def list_run(output_dir: AnyPath | str, policy: Any = None, current_step: int | 
 
         for e in plan_output_dir(root, policy, current_step=current_step).entries:
             decisions[(e.kind, e.step)] = {"action": e.action, "reasons": list(e.reasons)}
+    from prime_ckpt.layout import missing_weights, step_async_level
+    from prime_ckpt.run import SUPERSEDED_DIR, read_run_record
+
+    scanned_weights = scan_weights(root)
     rows = []
     for c in scanned:
         problems: list[str] = []
+        if c.foreign:
+            problems.append(f"{c.path}: not this project's checkpoint ({c.foreign}); kept, never resumed or deleted")
+        for part, why in c.problems.items():
+            problems.append(f"{c.path}: {part} is not complete: {why}")
+        resumable = c.complete(parts)
+        if resumable:
+            k = policy.async_level if policy is not None else (step_async_level(c.path) or 0)
+            gone = missing_weights(c.step, k, scanned_weights)
+            if gone:
+                resumable = False
+                problems.append(f"{c.path}: not resumable: weights step(s) {', '.join(map(str, gone))} of its window "
+                                f"[{max(0, c.step - k)}, {c.step}] (async level {k}) are not complete")
         progress = None
         orch = c.path / ORCHESTRATOR_FILE
         if orch.is_file():
@@ -678,17 +707,25 @@ def list_run(output_dir: AnyPath | str, policy: Any = None, current_step: int | 
                 save_info={k: info[k] for k in _SAVE_INFO_KEYS if k in info} if info else None,
                 retention=decisions.get(("checkpoint", c.step)),
                 problems=problems,
+                resumable=resumable,
+                foreign=c.foreign,
             )
         )
     weights = [
         ListedWeights(
             step=w.step, path=str(w.path), complete=w.complete, bytes=tree_size(w.path),
             manifest=(w.path / MANIFEST_FILE).is_file(), retention=decisions.get(("weights", w.step)),
+            foreign=w.foreign, problem=w.problem,
         )
-        for w in scan_weights(root)
+        for w in scanned_weights
     ]  # fmt: skip
     complete = [r.step for r in rows if r.complete]
+    resumable_steps = [r.step for r in rows if r.resumable]
+    superseded_root = root / SUPERSEDED_DIR
     return RunTable(
+        latest_resumable_step=max(resumable_steps) if resumable_steps else None,
+        run=read_run_record(root),
+        superseded=sorted(f"{SUPERSEDED_DIR}/{p.name}" for p in superseded_root.iterdir()) if superseded_root.is_dir() else [],
         path=str(root),
         parts=list(parts),
         latest_complete_step=max(complete) if complete else None,

@@ -16,11 +16,22 @@ Rules kept here and nowhere else:
   ``step_010``); anything else under ``checkpoints/`` or ``weights/`` is not ours and is never
   listed as a step;
 * steps are ordered by the integer, never by string or mtime;
-* a part is *complete* only when its last-written file exists: ``trainer/.metadata`` (DCP writes
-  it atomically after every rank's data is fsync'd), ``orchestrator.pt`` (written by atomic
-  rename) and ``weights/step_<N>/COMPLETE`` (written last, after the data is fsync'd).
-  On object storage the same files are the marks, written last by upload order (see
-  :mod:`prime_ckpt.storage`).
+* a part is *complete* only when its last-written file exists **and reads back**:
+  ``trainer/.metadata`` (DCP writes it atomically after every rank's data is fsync'd) must decode
+  through the restricted unpickler and every data file it names must hold the bytes it points at;
+  ``orchestrator.pt`` (written by atomic rename) must parse as a progress record;
+  ``weights/step_<N>/COMPLETE`` (written last, after the data is fsync'd) must exist with every
+  shard the index names. A mark that exists but does not parse is a *problem* shown by ``list``
+  and ``inspect``, never "complete" (issue 15). On object storage the same files are the marks,
+  written last by upload order (see :mod:`prime_ckpt.storage`);
+* a step directory is *ours* only when it holds nothing but names this project writes (see
+  :func:`foreign_reason`); another tool's checkpoint saved as ``checkpoints/step_<N>/`` (e.g. a
+  plain DCP ``.metadata`` directly inside) is *foreign*: listed, never complete, never resumed,
+  never deleted (DESIGN invariant 8);
+* a checkpoint step x is *resumable* when it is complete and, in a run that publishes weights,
+  the weights ``[x - async_level, x]`` it needs (the seed's rule) are complete
+  (:func:`missing_weights`); ``--ckpt.resume-step -1``, ``list`` and retention use this one
+  definition.
 
 ``output_dir`` may be a local path or an fsspec URL (``s3://bucket/run``; see
 :func:`prime_ckpt.storage.to_path`); on a remote path an inventory scan is one listing of
@@ -37,7 +48,9 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from prime_ckpt.errors import NotResumableError
 from prime_ckpt.storage import AnyPath, is_remote, list_tree, refresh, to_path
 
 logger = logging.getLogger(__name__)
@@ -63,8 +76,9 @@ RUN_PARTS: tuple[str, ...] = (TRAINER_PART, ORCHESTRATOR_PART)
 _STEP_RE = re.compile(r"^step_(0|[1-9][0-9]*)$")
 
 
-class CheckpointNotFoundError(FileNotFoundError):
-    """A requested checkpoint step is missing or incomplete (message lists what exists)."""
+#: A requested checkpoint step is missing, incomplete or not resumable (message lists what
+#: exists); the older name of :class:`prime_ckpt.errors.NotResumableError`.
+CheckpointNotFoundError = NotResumableError
 
 
 def parse_step(name: str) -> int | None:
@@ -131,19 +145,152 @@ def _fresh_is_file(path: AnyPath) -> bool:
     return path.is_file()
 
 
+def _stat_key(path: AnyPath) -> tuple | None:
+    """What identifies one version of a file cheaply: (path, size, mtime) locally, (path, size)
+    remotely; None if it is not a file."""
+    try:
+        if is_remote(path):
+            info = path.fs.info(path.path)
+            return (str(path), info.get("size"), info.get("ETag") or info.get("LastModified"))
+        st = os.stat(path)
+        if not os.path.isfile(path):
+            return None
+        return (str(path), st.st_size, st.st_mtime_ns)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:
+        return None
+
+
+# Parsed marks by file version: a scan after every save re-reads no unchanged .metadata.
+_METADATA_CACHE: dict[tuple, dict[str, int] | str] = {}
+_PROGRESS_CACHE: dict[tuple, str | None] = {}
+_CACHE_MAX = 4096
+
+
+def _remember(cache: dict, key: tuple, value: Any) -> Any:
+    if len(cache) >= _CACHE_MAX:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
+def _required_sizes(meta_path: AnyPath, key: tuple) -> dict[str, int] | str:
+    """``{data file: bytes it must hold at least}`` from a ``.metadata`` (cached by file
+    version), or a one-line reason it does not decode."""
+    if key in _METADATA_CACHE:
+        return _METADATA_CACHE[key]
+    from prime_ckpt.dcp_metadata import MetadataError, read_dcp_metadata
+
+    try:
+        md = read_dcp_metadata(meta_path)
+    except MetadataError as e:
+        return _remember(_METADATA_CACHE, key, f"unreadable .metadata ({str(e).removeprefix(str(meta_path) + ': ')})")
+    required: dict[str, int] = {}
+    for info in (getattr(md, "storage_data", None) or {}).values():
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(rel, str):
+            continue
+        end = int(getattr(info, "offset", 0) or 0) + int(getattr(info, "length", 0) or 0)
+        required[rel] = max(required.get(rel, 0), end)
+    return _remember(_METADATA_CACHE, key, required)
+
+
+def trainer_part_problem(trainer_dir: AnyPath | str) -> str | None:
+    """Why ``trainer_dir`` is not a complete, loadable-looking DCP checkpoint, or ``None`` if it
+    is: ``.metadata`` exists, decodes through the restricted unpickler, and every data file it
+    names exists and holds at least the bytes its entries point at (no tensor data is read).
+
+    Returns one of ``"no .metadata"``, ``"unreadable .metadata (...)"``,
+    ``"data file <name> missing"``, ``"data file <name> truncated (<n> of <m> bytes)"``.
+    """
+    trainer_dir = to_path(trainer_dir)
+    meta = trainer_dir / DCP_METADATA_FILE
+    refresh(meta)
+    key = _stat_key(meta)
+    if key is None:
+        return "no .metadata"
+    required = _required_sizes(meta, key)
+    if isinstance(required, str):
+        return required
+    if not required:
+        return None
+    if is_remote(trainer_dir):
+        try:
+            sizes = {posixpath_name(i["name"]): int(i.get("size") or 0) for i in trainer_dir.fs.ls(trainer_dir.path, detail=True)}
+        except OSError:
+            sizes = {}
+    else:
+        sizes = {}
+        for rel in required:
+            try:
+                sizes[rel] = os.stat(trainer_dir / rel).st_size
+            except OSError:
+                pass
+    for rel, need in sorted(required.items()):
+        have = sizes.get(rel)
+        if have is None:
+            return f"data file {rel} missing"
+        if have < need:
+            return f"data file {rel} truncated ({have} of {need} bytes)"
+    return None
+
+
+def posixpath_name(name: str) -> str:
+    """The last component of a ``/``-separated name."""
+    return name.rstrip("/").rsplit("/", 1)[-1]
+
+
 def trainer_part_complete(trainer_dir: AnyPath | str) -> bool:
-    """True iff the DCP directory has its ``.metadata`` (written last, atomically)."""
-    return _fresh_is_file(to_path(trainer_dir) / DCP_METADATA_FILE)
+    """True iff the DCP directory is complete and reads back (:func:`trainer_part_problem`)."""
+    return trainer_part_problem(trainer_dir) is None
+
+
+def orchestrator_part_problem(path: AnyPath | str) -> str | None:
+    """Why ``orchestrator.pt`` is not a readable progress record, or ``None`` if it is (it only
+    ever appears by atomic rename or one PUT; a file that does not parse was damaged or written
+    by something else). Parsed once per file version."""
+    path = to_path(path)
+    refresh(path)
+    key = _stat_key(path)
+    if key is None:
+        return "no orchestrator.pt"
+    if key in _PROGRESS_CACHE:
+        return _PROGRESS_CACHE[key]
+    from prime_ckpt.orchestrator import load_progress
+
+    try:
+        load_progress(path)
+        problem = None
+    except (ValueError, OSError) as e:  # ProgressRecordError is a ValueError
+        problem = f"unreadable orchestrator.pt ({str(e).removeprefix(str(path) + ': ')})"
+    return _remember(_PROGRESS_CACHE, key, problem)
 
 
 def orchestrator_part_complete(path: AnyPath | str) -> bool:
-    """True iff ``orchestrator.pt`` exists (it only ever appears by atomic rename or one PUT)."""
-    return _fresh_is_file(to_path(path))
+    """True iff ``orchestrator.pt`` exists and parses (:func:`orchestrator_part_problem`)."""
+    return orchestrator_part_problem(path) is None
+
+
+def weights_problem(weights_step_dir: AnyPath | str) -> str | None:
+    """Why ``weights/step_<N>`` is not complete, or ``None``: ``COMPLETE`` (written last, after
+    the data is fsync'd) exists and every shard the index names is present."""
+    step_dir = to_path(weights_step_dir)
+    if not _fresh_is_file(step_dir / WEIGHTS_MARKER):
+        return "no COMPLETE"
+    try:
+        files = weights_files(step_dir)
+    except ValueError as e:
+        return str(e).removeprefix(str(step_dir) + "/")
+    for f in files:
+        if not f.is_file():
+            return f"{f.name} missing"
+    return None
 
 
 def weights_complete(weights_step_dir: AnyPath | str) -> bool:
-    """True iff ``weights/step_<N>/COMPLETE`` exists (written after the data is durable)."""
-    return _fresh_is_file(to_path(weights_step_dir) / WEIGHTS_MARKER)
+    """True iff ``weights/step_<N>`` is complete (:func:`weights_problem`)."""
+    return weights_problem(weights_step_dir) is None
 
 
 def weights_files(weights_step_dir: AnyPath | str) -> list[AnyPath]:
@@ -178,31 +325,70 @@ def weights_files(weights_step_dir: AnyPath | str) -> list[AnyPath]:
     return sorted(step_dir.glob("*.safetensors"), key=lambda p: p.name) if step_dir.is_dir() else []
 
 
+# Names this project writes directly inside a step directory (besides crash leftovers,
+# :func:`prime_ckpt.storage.is_leftover`). Anything else makes the directory foreign.
+CHECKPOINT_STEP_NAMES = frozenset({TRAINER_PART, ORCHESTRATOR_FILE, SAVE_INFO_FILE, MANIFEST_FILE})
+_WEIGHTS_NAME_RE = re.compile(
+    r"^(?:[\w.-]+\.safetensors|model\.safetensors\.index\.json|config\.json|generation_config\.json"
+    r"|manifest\.json|COMPLETE|tokenizer[\w.-]*|special_tokens_map\.json|added_tokens\.json"
+    r"|vocab\.[\w.]+|merges\.txt|chat_template\.[\w.]+|[\w.-]*\.model)$"
+)
+
+
+def foreign_reason(kind: str, names: Iterable[str]) -> str | None:
+    """Why a ``step_<N>`` directory holding ``names`` is not this project's, or ``None`` if it
+    is (DESIGN invariant 8: delete only what is positively recognised as ours).
+
+    ``kind`` is ``"checkpoint"`` (ours: ``trainer/``, ``orchestrator.pt``, ``save_info.json``,
+    ``manifest.json``) or ``"weights"`` (ours: safetensors shards and index, ``config.json``,
+    ``generation_config.json``, tokenizer files, ``manifest.json``, ``COMPLETE``). Crash
+    leftovers of this project's writes are ours; an empty directory is ours (a save creating it).
+    """
+    from prime_ckpt.storage import is_leftover
+
+    others = sorted(n for n in names if not is_leftover(n) and not (
+        n in CHECKPOINT_STEP_NAMES if kind == "checkpoint" else _WEIGHTS_NAME_RE.match(n)))
+    if not others:
+        return None
+    if kind == "checkpoint" and DCP_METADATA_FILE in others:
+        return "a DCP checkpoint saved directly in the step directory (no trainer/): not this project's layout"
+    shown = ", ".join(others[:3]) + (f" (+{len(others) - 3} more)" if len(others) > 3 else "")
+    return f"holds {shown}, which this project never writes there"
+
+
 @dataclass(frozen=True)
 class CheckpointStep:
     """One ``checkpoints/step_<N>`` directory as found on disk.
 
     ``parts`` maps part name (``"trainer"``, ``"orchestrator"``) to whether it is complete;
-    a part that is absent maps to ``False``; ``present`` lists the parts that exist at all.
+    a part that is absent maps to ``False``; ``present`` lists the parts that exist at all;
+    ``problems`` maps a present part that is not complete to why (e.g. ``"unreadable .metadata
+    (...)"``); ``foreign`` says why the directory is not this project's (then it is never
+    complete, resumed or deleted), else ``None``.
     """
 
     step: int
     path: AnyPath
     parts: dict[str, bool] = field(default_factory=dict)
     present: tuple[str, ...] = ()
+    problems: dict[str, str] = field(default_factory=dict)
+    foreign: str | None = None
 
     def complete(self, parts: tuple[str, ...] = RUN_PARTS) -> bool:
-        """True iff every part in ``parts`` is complete."""
-        return all(self.parts.get(p, False) for p in parts)
+        """True iff the directory is ours and every part in ``parts`` is complete."""
+        return self.foreign is None and all(self.parts.get(p, False) for p in parts)
 
 
 @dataclass(frozen=True)
 class WeightsStep:
-    """One ``weights/step_<N>`` directory as found on disk."""
+    """One ``weights/step_<N>`` directory as found on disk (``foreign``: as in
+    :class:`CheckpointStep`; ``problem``: why it is not complete although ``COMPLETE`` exists)."""
 
     step: int
     path: AnyPath
     complete: bool
+    foreign: str | None = None
+    problem: str | None = None
 
 
 def _step_dirs(root: Path) -> list[tuple[int, Path]]:
@@ -216,28 +402,39 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _names(path: Path) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
 def scan_checkpoints(output_dir: AnyPath | str) -> list[CheckpointStep]:
     """Inventory of ``<output_dir>/checkpoints/step_*``, ordered by step (integer order).
 
     Names that are not ``step_<int>`` are skipped. A missing ``checkpoints/`` gives ``[]``.
+    Each part's mark is parsed (once per file version): see :func:`trainer_part_problem`.
     """
     layout = RunLayout(output_dir)
     if is_remote(layout.checkpoints_dir):
         return _scan_checkpoints_remote(layout.checkpoints_dir)
     result = []
     for step, path in _step_dirs(layout.checkpoints_dir):
-        trainer_dir = path / TRAINER_PART
-        orch = path / ORCHESTRATOR_FILE
+        names = _names(path)
+        foreign = foreign_reason("checkpoint", names)
         present = tuple(
-            name
-            for name, exists in ((TRAINER_PART, trainer_dir.exists()), (ORCHESTRATOR_PART, orch.exists()))
-            if exists
+            part for part, name in ((TRAINER_PART, TRAINER_PART), (ORCHESTRATOR_PART, ORCHESTRATOR_FILE)) if name in names
         )
-        parts = {
-            TRAINER_PART: trainer_part_complete(trainer_dir),
-            ORCHESTRATOR_PART: orchestrator_part_complete(orch),
-        }
-        result.append(CheckpointStep(step=step, path=path, parts=parts, present=present))
+        problems: dict[str, str] = {}
+        parts = {}
+        for part, problem in (
+            (TRAINER_PART, trainer_part_problem(path / TRAINER_PART) if TRAINER_PART in present else "absent"),
+            (ORCHESTRATOR_PART, orchestrator_part_problem(path / ORCHESTRATOR_FILE) if ORCHESTRATOR_PART in present else "absent"),
+        ):
+            parts[part] = problem is None
+            if problem is not None and part in present:
+                problems[part] = problem
+        result.append(CheckpointStep(step=step, path=path, parts=parts, present=present, problems=problems, foreign=foreign))
     return result
 
 
@@ -246,10 +443,13 @@ def scan_weights(output_dir: AnyPath | str) -> list[WeightsStep]:
     layout = RunLayout(output_dir)
     if is_remote(layout.weights_dir):
         return _scan_weights_remote(layout.weights_dir)
-    return [
-        WeightsStep(step=step, path=path, complete=weights_complete(path))
-        for step, path in _step_dirs(layout.weights_dir)
-    ]
+    result = []
+    for step, path in _step_dirs(layout.weights_dir):
+        names = _names(path)
+        problem = weights_problem(path) if WEIGHTS_MARKER in names else None
+        result.append(WeightsStep(step=step, path=path, complete=WEIGHTS_MARKER in names and problem is None,
+                                  foreign=foreign_reason("weights", names), problem=problem))
+    return result
 
 
 def _remote_steps(root: AnyPath) -> list[tuple[int, AnyPath, set[str]]]:
@@ -272,20 +472,46 @@ def _remote_steps(root: AnyPath) -> list[tuple[int, AnyPath, set[str]]]:
 def _scan_checkpoints_remote(checkpoints_dir: AnyPath) -> list[CheckpointStep]:
     result = []
     for step, path, entries in _remote_steps(checkpoints_dir):
+        top = {e.split("/", 1)[0] for e in entries}
         present = tuple(name for name, rel in ((TRAINER_PART, TRAINER_PART), (ORCHESTRATOR_PART, ORCHESTRATOR_FILE)) if rel in entries)
-        parts = {
-            TRAINER_PART: f"{TRAINER_PART}/{DCP_METADATA_FILE}" in entries,
-            ORCHESTRATOR_PART: ORCHESTRATOR_FILE in entries,
-        }
-        result.append(CheckpointStep(step=step, path=path, parts=parts, present=present))
+        problems: dict[str, str] = {}
+        parts = {TRAINER_PART: False, ORCHESTRATOR_PART: False}
+        if f"{TRAINER_PART}/{DCP_METADATA_FILE}" in entries:
+            problem = trainer_part_problem(path / TRAINER_PART)
+            parts[TRAINER_PART] = problem is None
+            if problem:
+                problems[TRAINER_PART] = problem
+        if ORCHESTRATOR_FILE in entries:
+            problem = orchestrator_part_problem(path / ORCHESTRATOR_FILE)
+            parts[ORCHESTRATOR_PART] = problem is None
+            if problem:
+                problems[ORCHESTRATOR_PART] = problem
+        result.append(CheckpointStep(step=step, path=path, parts=parts, present=present, problems=problems,
+                                     foreign=foreign_reason("checkpoint", top)))
     return result
 
 
 def _scan_weights_remote(weights_dir: AnyPath) -> list[WeightsStep]:
     return [
-        WeightsStep(step=step, path=path, complete=WEIGHTS_MARKER in entries)
+        WeightsStep(step=step, path=path, complete=WEIGHTS_MARKER in entries,
+                    foreign=foreign_reason("weights", {e.split("/", 1)[0] for e in entries}))
         for step, path, entries in _remote_steps(weights_dir)
     ]
+
+
+def step_async_level(step_dir: AnyPath | str) -> int | None:
+    """The async level k recorded in ``<step_dir>/save_info.json`` (the trainer's
+    ``Checkpointer`` writes it with every save), or ``None`` if absent or unreadable."""
+    import json
+
+    try:
+        info = json.loads((to_path(step_dir) / SAVE_INFO_FILE).read_bytes())
+    except (OSError, ValueError):
+        return None
+    level = info.get("async_level") if isinstance(info, dict) else None
+    if isinstance(level, int) and not isinstance(level, bool) and level >= 0:
+        return level
+    return None
 
 
 def recorded_async_level(output_dir: AnyPath | str) -> int | None:
@@ -293,17 +519,33 @@ def recorded_async_level(output_dir: AnyPath | str) -> int | None:
     written by the trainer's ``Checkpointer``), or ``None`` if no step records it. k is the
     seed's rule: resuming at checkpoint step x needs weights ``[x - k, x]``. Unreadable records
     are skipped."""
-    import json
-
     for c in reversed(scan_checkpoints(output_dir)):
-        try:
-            info = json.loads((c.path / SAVE_INFO_FILE).read_bytes())
-        except (OSError, ValueError):
-            continue
-        level = info.get("async_level") if isinstance(info, dict) else None
-        if isinstance(level, int) and not isinstance(level, bool) and level >= 0:
+        level = step_async_level(c.path)
+        if level is not None:
             return level
     return None
+
+
+def weights_window(step: int, async_level: int) -> range:
+    """The weights steps resuming at checkpoint step ``step`` needs: ``[step - k, step]``
+    (the seed's rule), clipped at 0."""
+    return range(max(0, step - async_level), step + 1)
+
+
+def publishes_weights(weights: Iterable[WeightsStep]) -> bool:
+    """True iff the run publishes weights: its ``weights/`` holds a step directory of ours. A
+    trainer-only run (no weights) needs none to resume."""
+    return any(w.foreign is None for w in weights)
+
+
+def missing_weights(step: int, async_level: int, weights: Iterable[WeightsStep]) -> list[int]:
+    """The steps of :func:`weights_window` that have no complete weights of ours (``[]``: all
+    there, or the run publishes no weights)."""
+    weights = list(weights)
+    if not publishes_weights(weights):
+        return []
+    done = {w.step for w in weights if w.complete and w.foreign is None}
+    return [s for s in weights_window(step, async_level) if s not in done]
 
 
 def latest_complete_step(output_dir: AnyPath | str, parts: tuple[str, ...] = RUN_PARTS) -> int | None:
@@ -317,24 +559,49 @@ def _describe(steps: list[CheckpointStep], parts: tuple[str, ...]) -> str:
         return "no checkpoint steps on disk"
     described = []
     for c in steps:
+        if c.foreign:
+            described.append(f"{c.step} (not ours)")
+            continue
         missing = [p for p in parts if not c.parts.get(p, False)]
         described.append(f"{c.step}" + (f" (incomplete: {', '.join(missing)})" if missing else ""))
     return "steps on disk: " + ", ".join(described)
 
 
+def _why_not_resumable(c: CheckpointStep, parts: tuple[str, ...], k: int, weights: list[WeightsStep]) -> str | None:
+    if c.foreign:
+        return f"not this project's checkpoint ({c.foreign})"
+    bad = [f"{p}: {c.problems[p]}" if p in c.problems else p for p in parts if not c.parts.get(p, False)]
+    if bad:
+        return "checkpoint step is incomplete (missing or unfinished: " + ", ".join(bad) + ")"
+    gone = missing_weights(c.step, k, weights)
+    if gone:
+        return (f"checkpoint step is not resumable: the weights it needs, steps [{max(0, c.step - k)}, {c.step}] (async level {k}), are not all "
+                f"complete: missing weights/step_{', step_'.join(map(str, gone))}")
+    return None
+
+
 def resolve_resume_step(
-    output_dir: AnyPath | str, resume_step: int | None, parts: tuple[str, ...] = RUN_PARTS
+    output_dir: AnyPath | str,
+    resume_step: int | None,
+    parts: tuple[str, ...] = RUN_PARTS,
+    *,
+    async_level: int | None = None,
 ) -> int | None:
     """Turn ``--ckpt.resume-step`` into the step to load, or ``None`` to start fresh.
 
     * ``None``: start fresh (returns ``None``).
-    * ``-1``: the newest step whose every part in ``parts`` is complete; with none on disk,
+    * ``-1``: the newest *resumable* step: every part in ``parts`` complete (marks parse) and,
+      when the run publishes weights, the weights ``[x - k, x]`` complete (the seed's rule);
+      newer steps that are not resumable are skipped with a warning naming why. With none,
       logs that the run starts fresh and returns ``None``.
-    * ``N >= 0``: N itself, if every part in ``parts`` is complete.
+    * ``N >= 0``: N itself, if it is resumable.
+
+    ``async_level`` is k; ``None`` takes each step's recorded one (``save_info.json``), else 0.
 
     Raises:
-        CheckpointNotFoundError: an explicit step is missing or incomplete; the message names
-            the path and lists the steps that exist (and which parts they lack).
+        NotResumableError (a ``FileNotFoundError``; ``CheckpointNotFoundError`` is its alias):
+            an explicit step is missing, foreign, incomplete, or lacks weights; one line naming
+            the path and what is missing, and listing the steps that exist.
         ValueError: ``resume_step < -1``.
     """
     if resume_step is None:
@@ -342,26 +609,37 @@ def resolve_resume_step(
     if resume_step < -1:
         raise ValueError(f"--ckpt.resume-step must be -1 (latest) or a step >= 0, got {resume_step}")
     steps = scan_checkpoints(output_dir)
+    weights = scan_weights(output_dir)
+
+    def level(c: CheckpointStep) -> int:
+        if async_level is not None:
+            return async_level
+        recorded = step_async_level(c.path)
+        return 0 if recorded is None else recorded
+
     if resume_step == -1:
-        complete = [c.step for c in steps if c.complete(parts)]
-        if not complete:
-            logger.info(
-                "--ckpt.resume-step -1: no complete checkpoint under %s (%s); starting fresh",
-                RunLayout(output_dir).checkpoints_dir,
-                _describe(steps, parts),
-            )
-            return None
-        return max(complete)
+        for c in sorted(steps, key=lambda c: c.step, reverse=True):
+            if c.complete(parts):
+                why = _why_not_resumable(c, parts, level(c), weights)
+                if why is None:
+                    return c.step
+                logger.warning("--ckpt.resume-step -1: skipping checkpoint step %d: %s", c.step, why)
+            elif c.problems and c.foreign is None:
+                logger.warning("--ckpt.resume-step -1: skipping checkpoint step %d: %s", c.step,
+                               "; ".join(f"{p}: {m}" for p, m in c.problems.items()))
+        logger.info(
+            "--ckpt.resume-step -1: no resumable checkpoint under %s (%s); starting fresh",
+            RunLayout(output_dir).checkpoints_dir,
+            _describe(steps, parts),
+        )
+        return None
     match = [c for c in steps if c.step == resume_step]
     path = RunLayout(output_dir).step_dir(resume_step)
     if not match:
         raise CheckpointNotFoundError(f"{path}: no such checkpoint step; {_describe(steps, parts)}")
-    if not match[0].complete(parts):
-        missing = [p for p in parts if not match[0].parts.get(p, False)]
-        raise CheckpointNotFoundError(
-            f"{path}: checkpoint step is incomplete (missing or unfinished: {', '.join(missing)}); "
-            f"{_describe(steps, parts)}"
-        )
+    why = _why_not_resumable(match[0], parts, level(match[0]), weights)
+    if why is not None:
+        raise CheckpointNotFoundError(f"{path}: {why}; {_describe(steps, parts)}")
     return resume_step
 
 

@@ -16,7 +16,13 @@ Which files a manifest covers:
 * ``weights/step_<N>``: every regular file except the ``COMPLETE`` marker (empty; it only says
   the directory is finished) and the manifest itself.
 
-Temp files of an atomic write in progress (``.<name>.tmp.<pid>``) are never covered or reported.
+Crash leftovers of :mod:`prime_ckpt.storage` (temp files of an atomic write in progress,
+``.<name>.tmp.<pid>.<n>``, and ``.<name>.deleting.<pid>.<n>`` trees; see
+:func:`prime_ckpt.storage.is_leftover`) are never covered or reported.
+
+A manifest entry is only ever read inside its step directory (:func:`manifest_entry_path`): an
+absolute path, a ``..`` component, or (locally) a path that resolves through a symlink to outside
+the step directory is reported by :func:`verify_manifest` as a problem and never opened.
 
 Manifest format (``"schema": "prime-ckpt.manifest/1"``)::
 
@@ -42,12 +48,11 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import re
 import struct
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import xxhash
@@ -69,6 +74,7 @@ from prime_ckpt.layout import (
 from prime_ckpt.storage import (
     AnyPath,
     atomic_write_bytes,
+    is_leftover,
     is_remote,
     list_tree,
     to_path,
@@ -81,8 +87,6 @@ WEIGHTS_PART = "weights"
 
 #: Bytes read per ``read`` call while hashing.
 CHUNK_BYTES = 8 * 1024 * 1024
-
-_TMP_RE = re.compile(r"^\..+\.tmp\.\d+$")
 
 #: Called with the number of bytes just hashed (drives a progress bar).
 OnBytes = Callable[[int], None]
@@ -126,19 +130,22 @@ def _is_weights_dir(step_dir: AnyPath) -> bool:
 
 
 def _walk_files(root: AnyPath, base: AnyPath) -> list[str]:
+    """Regular files under ``root``, relative to ``base``; crash leftovers
+    (:func:`~prime_ckpt.storage.is_leftover`, files or anything under a leftover directory) and
+    symlinks are left out."""
     if is_remote(root):
         prefix = str(root)[len(str(base)) :].strip("/")
         return sorted(
             posixpath.join(prefix, rel) if prefix else rel
             for rel, kind in list_tree(root).items()
-            if kind == "file" and not _TMP_RE.match(posixpath.basename(rel))
+            if kind == "file" and not any(is_leftover(part) for part in rel.split("/"))
         )
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not is_leftover(d))
         for name in sorted(filenames):
             p = Path(dirpath) / name
-            if _TMP_RE.match(name) or p.is_symlink() or not p.is_file():
+            if is_leftover(name) or p.is_symlink() or not p.is_file():
                 continue
             out.append(p.relative_to(base).as_posix())
     return out
@@ -247,6 +254,54 @@ def read_manifest(step_dir: AnyPath | str) -> dict[str, Any] | None:
     return data
 
 
+def manifest_entry_path(step_dir: AnyPath | str, rel: str) -> AnyPath:
+    """The file a manifest entry ``rel`` names, checked to lie inside ``step_dir``.
+
+    Nothing is opened: a local path is resolved (symlinks followed) with :meth:`Path.resolve`
+    and compared with the resolved step directory; a remote path (no symlinks) is checked by
+    its name only.
+
+    Args:
+        step_dir: the step directory holding the manifest (local path, URL or UPath).
+        rel: the entry's ``"path"``, relative to ``step_dir``.
+
+    Returns:
+        ``step_dir / rel``.
+
+    Raises:
+        ManifestError: ``rel`` is absolute, has a ``..`` component, contains a NUL byte, is a
+            URL (``://``), names another location once joined (remote), or (locally) resolves through a symlink to outside
+            ``step_dir`` (or cannot be resolved: a symlink loop). One line naming the manifest
+            and the entry.
+    """
+    step_dir = to_path(step_dir)
+    where = f"{step_dir / MANIFEST_FILE}: entry {rel!r}"
+    if "\0" in rel:
+        raise ManifestError(f"{where} is not a valid path (NUL byte); not read")
+    if PurePosixPath(rel).is_absolute() or rel.startswith("\\"):
+        raise ManifestError(f"{where} is an absolute path, outside the step directory; not read")
+    if ".." in rel.replace("\\", "/").split("/"):
+        raise ManifestError(f"{where} has a '..' component, outside the step directory; not read")
+    if "://" in rel:
+        raise ManifestError(f"{where} is a URL, outside the step directory; not read")
+    try:
+        path = step_dir / rel
+    except (ValueError, TypeError):  # a UPath refusing what it cannot join
+        raise ManifestError(f"{where} names another location, outside the step directory; not read") from None
+    if is_remote(step_dir):
+        base = step_dir.path.rstrip("/") + "/"
+        if not is_remote(path) or path.protocol != step_dir.protocol or not path.path.startswith(base):
+            raise ManifestError(f"{where} names another location, outside the step directory; not read")
+        return path
+    try:
+        inside = Path(path).resolve().is_relative_to(Path(step_dir).resolve())
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+        raise ManifestError(f"{where} cannot be resolved (symlink loop?); not read") from None
+    if not inside:
+        raise ManifestError(f"{where} resolves through a symlink to outside the step directory; not read")
+    return path
+
+
 def manifest_bytes(step_dir: AnyPath | str) -> int:
     """Bytes :func:`verify_manifest` would hash (0 without a readable manifest)."""
     try:
@@ -320,7 +375,11 @@ def verify_manifest(step_dir: AnyPath | str, on_bytes: OnBytes | None = None) ->
         )
     listed = {f["path"]: f for f in m["files"]}
     for rel, entry in listed.items():
-        p = step_dir / rel
+        try:
+            p = manifest_entry_path(step_dir, rel)
+        except ManifestError as e:  # never opened: it is not part of this step
+            report.problems.append(str(e))
+            continue
         if not p.is_file():
             report.problems.append(f"{p}: missing (listed in {MANIFEST_FILE})")
             continue

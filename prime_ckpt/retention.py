@@ -6,10 +6,18 @@ the trainer runs it on rank 0's background thread after each committed save.
 
 Rules (every one that applies is recorded as a reason on the entry):
 
+Every step directory:
+  * one that is not this project's (:func:`prime_ckpt.layout.foreign_reason`: another tool's
+    checkpoint saved as ``step_<N>``, unknown files inside) is kept, whatever the policy;
+  * ``keep=None`` keeps everything, checkpoints and weights: "no keep" means nothing is deleted,
+    in the trainer (no ``--ckpt.keep``) and in ``prime-ckpt prune`` alike.
+
 Checkpoints (``checkpoints/step_<N>``):
   * never touch a step that is in flight (being saved);
-  * always keep the newest complete step;
-  * keep the ``keep`` newest complete steps (``keep=None`` keeps all);
+  * always keep the newest complete step, and the newest *resumable* one (complete, with the
+    weights ``[x - k, x]`` it needs complete: :func:`prime_ckpt.layout.missing_weights`), even
+    when a newer complete step lacks its weights;
+  * keep the ``keep`` newest complete steps;
   * keep multiples of ``keep_interval``;
   * a step newer than ``current_step`` belongs to another run (a reused directory): it is kept,
     and it neither counts towards ``keep`` nor is it "the newest" — so a fresh run never deletes
@@ -36,7 +44,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from prime_ckpt.layout import RUN_PARTS, Inventory
+from prime_ckpt.layout import RUN_PARTS, Inventory, missing_weights
 from prime_ckpt.storage import AnyPath, remove_tree
 
 logger = logging.getLogger(__name__)
@@ -47,6 +55,7 @@ Action = Literal["keep", "delete"]
 # Reason strings (stable: they appear in `prime-ckpt plan --json`).
 IN_FLIGHT = "in flight"
 NEWEST_COMPLETE = "newest complete"
+NEWEST_RESUMABLE = "newest resumable (its weights window is complete)"
 KEEP_ALL = "keep=None keeps all"
 AHEAD_OF_CURRENT = "newer than current step (another run's)"
 INCOMPLETE = "incomplete"
@@ -54,6 +63,10 @@ INCOMPLETE_MAYBE_WRITING = "incomplete but newer than the newest complete step (
 LIVE_WINDOW = "live async window"
 CONSUMER = "at or after the consumer's last acknowledged step"
 NOT_PINNED = "not pinned by any kept checkpoint or window"
+
+
+def _foreign(why: str) -> str:
+    return f"not this project's layout ({why}): never deleted"
 
 
 def _keep_latest(k: int) -> str:
@@ -85,7 +98,8 @@ class RetentionPolicy:
     """What to keep.
 
     Attributes:
-        keep: keep the K newest complete checkpoint steps (K >= 1); None keeps all.
+        keep: keep the K newest complete checkpoint steps (K >= 1); None keeps every checkpoint
+            and every weights step (nothing is deleted).
         keep_interval: also keep checkpoint steps that are multiples of N (N >= 1); None: off.
         async_level: k >= 0; checkpoint step x pins weights [x - k, x] (the seed's rule).
         weights_interval: also keep weights steps that are multiples of N; None: keep only what
@@ -186,23 +200,28 @@ def plan(
     def complete(c) -> bool:
         return c.complete(policy.parts) and c.step not in in_flight_set
 
-    ours = [c for c in ckpts if c.step <= current_step]
+    ours = [c for c in ckpts if c.step <= current_step and c.foreign is None]
     complete_steps = sorted((c.step for c in ours if complete(c)), reverse=True)
     newest_complete = complete_steps[0] if complete_steps else None
     latest_k = set(complete_steps if policy.keep is None else complete_steps[: policy.keep])
+    newest_resumable = next((x for x in complete_steps if not missing_weights(x, k, weights)), None)
 
     entries: list[PlanEntry] = []
     kept_ckpt_steps: list[int] = []
     for c in ckpts:
         keep_reasons: list[str] = []
         delete_reasons: list[str] = []
-        if c.step in in_flight_set:
+        if c.foreign is not None:
+            keep_reasons.append(_foreign(c.foreign))
+        elif c.step in in_flight_set:
             keep_reasons.append(IN_FLIGHT)
         elif c.step > current_step:
             keep_reasons.append(AHEAD_OF_CURRENT)
         elif complete(c):
             if c.step == newest_complete:
                 keep_reasons.append(NEWEST_COMPLETE)
+            if c.step == newest_resumable and newest_resumable != newest_complete:
+                keep_reasons.append(NEWEST_RESUMABLE)
             if c.step in latest_k:
                 keep_reasons.append(KEEP_ALL if policy.keep is None else _keep_latest(policy.keep))
             if policy.keep_interval and c.step % policy.keep_interval == 0:
@@ -215,17 +234,22 @@ def plan(
             else:
                 keep_reasons.append(INCOMPLETE_MAYBE_WRITING)
         if keep_reasons:
-            kept_ckpt_steps.append(c.step)
+            if c.foreign is None:
+                kept_ckpt_steps.append(c.step)
             entries.append(PlanEntry(c.path, "checkpoint", c.step, "keep", tuple(keep_reasons)))
         else:
             entries.append(PlanEntry(c.path, "checkpoint", c.step, "delete", tuple(delete_reasons)))
     # An in-flight step may not be on disk yet; its window is pinned all the same.
     pinning = sorted(set(kept_ckpt_steps) | in_flight_set)
 
-    complete_weights = [w.step for w in weights if w.complete and w.step <= current_step]
+    complete_weights = [w.step for w in weights if w.complete and w.step <= current_step and w.foreign is None]
     newest_weights = max(complete_weights) if complete_weights else None
     for w in weights:
         reasons: list[str] = []
+        if w.foreign is not None:
+            reasons.append(_foreign(w.foreign))
+        if policy.keep is None:
+            reasons.append(KEEP_ALL)
         if w.step > current_step:
             reasons.append(AHEAD_OF_CURRENT)
         for x in pinning:

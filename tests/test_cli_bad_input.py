@@ -138,3 +138,55 @@ def test_malicious_metadata_executes_nothing_in_convert_to_torch_save(tmp_path, 
 def test_debug_shows_traceback(tmp_path):
     r = runner.invoke(app, ["--debug", "verify", str(tmp_path / "nope")])
     assert r.exit_code != 0 and r.exception is not None and str(tmp_path / "nope") in str(r.exception)
+
+
+def test_convert_force_never_writes_into_a_checkpoint(tmp_path, good):
+    """``convert --force`` with OUT a part of another checkpoint (its orchestrator.pt, a file of
+    its trainer/ DCP dir, a weights step's file, the same through a symlink, or trainer/ itself
+    with --from torch-save): exit 2, one line naming OUT and the checkpoint, nothing changed."""
+    run = copy_run(good, tmp_path / "run")
+    src = run / "checkpoints" / "step_2"
+    step4 = run / "checkpoints" / "step_4"
+    weights = run / "weights" / "step_4"
+    (tmp_path / "link").symlink_to(step4)
+    pt = tmp_path / "x.pt"
+    assert runner.invoke(app, ["convert", str(src), str(pt), "--to", "torch-save"]).exit_code == 0
+    before = snapshot(run)
+    cases = [
+        ([str(src), str(step4 / "orchestrator.pt"), "--to", "torch-save", "--force"], step4),
+        ([str(src), str(step4 / "trainer" / "__0_0.distcp"), "--to", "torch-save", "--force"], step4),
+        ([str(src), str(weights / "model.safetensors"), "--to", "safetensors", "--force"], weights),
+        ([str(src), str(tmp_path / "link" / "orchestrator.pt"), "--to", "safetensors", "--force"], step4),
+        ([str(pt), str(step4 / "trainer"), "--from", "torch-save", "--force"], step4),
+        ([str(src), str(step4 / "orchestrator.pt"), "--to", "torch-save"], step4),  # without --force too
+    ]
+    for args, inside in cases:
+        r = runner.invoke(app, ["convert", *args])
+        assert r.exit_code == 2, (args, r.output)
+        lines = r.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {args[1]}: inside the "), (args, r.stderr)
+        assert str(inside) in lines[0] and "Traceback" not in r.output and r.stdout == "", (args, r.output)
+    assert snapshot(run) == before
+
+
+def test_verify_never_reads_a_manifest_entry_outside_the_step(tmp_path, good):
+    """A manifest entry ``../../../../etc/passwd`` (or ``/etc/passwd``) is one problem line
+    naming the manifest and the entry, exit 1; the file's size and hash are never printed."""
+    import json
+
+    run = copy_run(good, tmp_path / "run")
+    step = run / "checkpoints" / "step_4"
+    manifest = step / "manifest.json"
+    m = json.loads(manifest.read_text())
+    bad = ["../../../../../../../../../../etc/passwd", "/etc/passwd"]
+    m["files"] += [{"path": rel, "size": 1, "xxh3_64": "0" * 16} for rel in bad]
+    manifest.write_text(json.dumps(m))
+    r = runner.invoke(app, ["verify", str(step)])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    for rel in bad:
+        lines = [line for line in r.stdout.splitlines() if f"entry {rel!r}" in line]
+        assert len(lines) == 1 and lines[0].strip().startswith(f"{manifest}: entry {rel!r} "), (rel, r.stdout)
+    assert "etc/passwd: size" not in r.stdout and "checksum" not in r.stdout, r.stdout
+    r = runner.invoke(app, ["verify", str(step), "--json"])
+    problems = json.loads(r.stdout)["steps"][0]["problems"]
+    assert r.exit_code == 1 and len(problems) == 2 and all("not read" in p for p in problems), problems

@@ -4,6 +4,7 @@ import json
 
 from typer.testing import CliRunner
 
+from tests.marks import write_orchestrator_mark, write_trainer_mark
 from prime_ckpt.cli import app
 
 runner = CliRunner()
@@ -13,10 +14,10 @@ def make_run(root, ck_steps, w_steps, orchestrator=True):
     for s in ck_steps:
         t = root / "checkpoints" / f"step_{s}" / "trainer"
         t.mkdir(parents=True)
-        (t / ".metadata").write_bytes(b"m" * 10)
+        write_trainer_mark(t)
         (t / "__0_0.distcp").write_bytes(b"d" * 1000)
         if orchestrator:
-            (t.parent / "orchestrator.pt").write_bytes(b"o" * 5)
+            write_orchestrator_mark(t.parent / "orchestrator.pt", s)
     for s in w_steps:
         d = root / "weights" / f"step_{s}"
         d.mkdir(parents=True)
@@ -41,7 +42,9 @@ def test_plan_json_is_a_dry_run(tmp_path):
         **{("weights", s): "delete" for s in range(8, 13)},
         **{("weights", s): "keep" for s in range(13, 16)},
     }  # fmt: skip
-    assert out["bytes_freed"] == 2 * (10 + 1000 + 5) + 5 * 100
+    mark = len((tmp_path / "checkpoints" / "step_15" / "trainer" / ".metadata").read_bytes())
+    orch = (tmp_path / "checkpoints" / "step_15" / "orchestrator.pt").stat().st_size
+    assert out["bytes_freed"] == 2 * (mark + 1000 + orch) + 5 * 100
     e15 = next(e for e in out["entries"] if e["kind"] == "checkpoint" and e["step"] == 15)
     assert e15["reasons"] == ["newest complete", "among the 1 newest complete"]
     assert set(e15) == {"path", "kind", "step", "action", "reasons", "bytes"}

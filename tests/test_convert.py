@@ -150,3 +150,47 @@ def test_outputs_never_clobber_or_overlap(tmp_path, tmp_path_factory):
         torch_save_to_dcp(existing, run, force=True)  # would replace a whole run: refused
     assert (run / "checkpoints" / "step_4" / "trainer" / ".metadata").is_file()
     assert not list(tmp_path.glob(".*.tmp.*"))
+
+
+def test_output_inside_any_checkpoint_is_refused_even_with_force(tmp_path, tmp_path_factory):
+    """``--force`` never overwrites a part of another checkpoint: a file of a checkpoint step, of
+    its ``trainer/`` DCP dir, of a weights step, a new file inside one, the same through a
+    symlink, or a step's ``trainer/`` replaced by ``--from torch-save``. (Before: all written.)"""
+    run = copy_run(one_proc_run(tmp_path_factory)[0], tmp_path / "run")
+    src = run / "checkpoints" / "step_2"
+    step4 = run / "checkpoints" / "step_4"
+    weights = run / "weights" / "step_4"
+    standalone = tmp_path / "exported_dcp"
+    torch_save_to_dcp(dcp_to_torch_save(src, tmp_path / "x.pt").output, standalone)
+    (tmp_path / "link").symlink_to(step4)
+    (tmp_path / "dcp_link").symlink_to(standalone)
+    before, before_dcp = snapshot(run), snapshot(standalone)
+    cases = {
+        step4 / "orchestrator.pt": step4,
+        step4 / "trainer" / "__0_0.distcp": step4,
+        step4 / "new" / "model.safetensors": step4,
+        step4: step4,
+        weights / "model.safetensors": weights,
+        tmp_path / "link" / "orchestrator.pt": step4,
+        standalone / "__0_0.distcp": standalone,
+        tmp_path / "dcp_link" / "x.pt": standalone,
+    }
+    for out, inside in cases.items():
+        for convert in (lambda o: dcp_to_torch_save(src, o, force=True), lambda o: to_safetensors(src, o, force=True)):
+            with pytest.raises(ConvertError) as e:
+                convert(out)
+            msg = str(e.value)
+            assert msg.startswith(f"{out}: inside the ") and str(inside) in msg and "\n" not in msg, msg
+    for out in (step4 / "trainer", tmp_path / "link" / "trainer"):
+        with pytest.raises(ConvertError, match=f"inside the checkpoint step {step4}"):
+            torch_save_to_dcp(tmp_path / "x.pt", out, force=True)
+    assert snapshot(run) == before and snapshot(standalone) == before_dcp
+    assert not list(run.rglob(".*.tmp.*")) and not list(run.rglob("new"))
+    from prime_ckpt.convert import checkpoint_containing
+
+    assert all(checkpoint_containing(out)[0] == inside for out, inside in cases.items())
+    # outside every checkpoint: still allowed (a standalone DCP dir may be replaced with --force)
+    assert checkpoint_containing(run / "exports" / "model.safetensors") is None
+    assert checkpoint_containing(standalone) is None
+    torch_save_to_dcp(tmp_path / "x.pt", standalone, force=True)
+    to_safetensors(src, run / "model.safetensors")

@@ -144,13 +144,14 @@ def test_fresh_run_in_a_used_dir_never_mixes_runs(tmp_path):
     old_records = {c.step: (c.path / "orchestrator.pt").read_bytes() for c in scan_checkpoints(out)}
     assert sorted(old_records) == [2, 4]
     r = rl(out, "--max-steps", "2", "--ckpt.interval", "2", "--seed", "2")
-    assert "moved checkpoint steps [2, 4] of an earlier run aside" in r.stdout
+    assert re.search(r"rl: set aside \d+ step\(s\) of an earlier run newer than step 0 into .*superseded", r.stdout)
     steps = scan_checkpoints(out)
     assert [c.step for c in steps] == [2] and steps[0].complete()
     assert (steps[0].path / "orchestrator.pt").read_bytes() != old_records[2]
-    [aside] = [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".superseded-")]
-    assert sorted(p.name for p in aside.iterdir()) == ["step_2", "step_4"]
-    assert (aside / "step_4" / "orchestrator.pt").read_bytes() == old_records[4]  # nothing deleted
+    [aside] = list((out / "superseded").iterdir())
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step_2", "step_4"]
+    assert sorted(p.name for p in (aside / "weights").iterdir()) == [f"step_{s}" for s in range(5)]
+    assert (aside / "checkpoints" / "step_4" / "orchestrator.pt").read_bytes() == old_records[4]  # nothing deleted
     assert latest_complete_step(out) == 2
 
 

@@ -1,5 +1,6 @@
 """Step parsing, inventory, completeness and resume-step resolution."""
 
+from tests.marks import write_orchestrator_mark, write_trainer_mark
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -22,10 +23,10 @@ def make_step(root, step, trainer=True, orchestrator=True, trainer_started=True)
         d.mkdir(parents=True)
         (d / "__0_0.distcp").write_bytes(b"x")
     if trainer:
-        (d / ".metadata").write_bytes(b"m")
+        write_trainer_mark(d)
     if orchestrator:
         layout.orchestrator_path(step).parent.mkdir(parents=True, exist_ok=True)
-        layout.orchestrator_path(step).write_bytes(b"o")
+        write_orchestrator_mark(layout.orchestrator_path(step), step)
 
 
 @pytest.mark.parametrize(

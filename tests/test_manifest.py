@@ -4,6 +4,7 @@ and extra file; hashing reads in chunks."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import xxhash
@@ -154,3 +155,113 @@ def test_verify_reports_a_step_copied_under_another_name(tmp_path, one):
     assert r.status == "failed"
     assert r.problems == [f"{copied / MANIFEST_FILE}: records step 4, but the directory is step_60 (copied or renamed?)"]
     assert verify_step(run / "checkpoints" / "step_4").ok
+
+
+def _add_entries(step, entries):
+    m = json.loads((step / MANIFEST_FILE).read_text())
+    m["files"] += [{"path": rel, "size": size, "xxh3_64": digest} for rel, size, digest in entries]
+    (step / MANIFEST_FILE).write_text(json.dumps(m))
+
+
+def _record_opens(monkeypatch):
+    opened = []
+    real = manifest_mod.hash_file
+
+    def spy(path, on_bytes=None):
+        opened.append(str(path))
+        return real(path, on_bytes)
+
+    monkeypatch.setattr(manifest_mod, "hash_file", spy)
+    return opened
+
+
+def test_verify_never_reads_manifest_entries_outside_the_step(tmp_path, one, monkeypatch):
+    """A manifest naming ``../../etc/passwd``, ``/etc/passwd`` or a symlink out of the step dir
+    (with a matching checksum) is a problem, one line naming the manifest and the entry; the file
+    is never opened. (Before: every one was hashed, the symlink even passed.)"""
+    step = copy_run(one / "checkpoints" / "step_2", tmp_path / "run" / "checkpoints" / "step_2")
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"top secret")
+    (tmp_path / "secret_dir").mkdir()
+    (tmp_path / "secret_dir" / "key").write_bytes(b"key")
+    (step / "trainer" / "link").symlink_to(secret)
+    (step / "trainer" / "dirlink").symlink_to(tmp_path / "secret_dir")
+    (step / "inner").symlink_to(step / "trainer" / ".metadata")  # a symlink that stays inside: fine
+    meta = (step / "trainer" / ".metadata").read_bytes()
+    digest = xxhash.xxh3_64_hexdigest(b"top secret")
+    bad = ["../../../../../../../../etc/passwd", "/etc/passwd", "trainer/../../secret", "trainer/link", "trainer/dirlink/key"]
+    _add_entries(step, [(rel, 10, digest) for rel in bad] + [("inner", len(meta), xxhash.xxh3_64_hexdigest(meta))])
+    opened = _record_opens(monkeypatch)
+    r = verify_manifest(step)
+    assert r.status == "failed"
+    manifest = step / MANIFEST_FILE
+    for rel in bad:
+        lines = [p for p in r.problems if p.startswith(f"{manifest}: entry {rel!r} ")]
+        assert len(lines) == 1 and "not read" in lines[0], (rel, r.problems)
+    assert len(r.problems) == len(bad) and all("\n" not in p for p in r.problems)
+    assert opened == [str(step / f["path"]) for f in read_manifest(one / "checkpoints" / "step_2")["files"]] + [str(step / "inner")]
+    with pytest.raises(ManifestError, match="absolute path"):
+        manifest_mod.manifest_entry_path(step, "/etc/shadow")
+    with pytest.raises(ManifestError, match=r"'\.\.' component"):
+        manifest_mod.manifest_entry_path(step, "trainer/../../x")
+    with pytest.raises(ManifestError, match="symlink"):
+        manifest_mod.manifest_entry_path(step, "trainer/link")
+    assert manifest_mod.manifest_entry_path(step, "trainer/.metadata") == step / "trainer" / ".metadata"
+
+
+def test_verify_never_reads_remote_manifest_entries_outside_the_step(one, monkeypatch):
+    """On an fsspec path ``/etc/shadow`` would name another bucket (``memory://etc/shadow``) and
+    ``..`` another prefix: both refused, never read."""
+    import uuid
+
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    bucket = f"prime-ckpt-manifest-{uuid.uuid4().hex}"
+    local = one / "checkpoints" / "step_2"
+    base = f"/{bucket}/run/checkpoints/step_2"
+    try:
+        for p in sorted(local.rglob("*")):
+            if p.is_file():
+                fs.pipe_file(f"{base}/{p.relative_to(local).as_posix()}", p.read_bytes())
+        fs.pipe_file(f"/{bucket}/secret", b"top secret")
+        fs.pipe_file("/etc/shadow", b"root:x")
+        m = json.loads((local / MANIFEST_FILE).read_bytes())
+        bad = ["/etc/shadow", "../../../secret", "trainer/../../../../secret", f"memory://{bucket}/secret", "s3://other/secret"]
+        m["files"] += [{"path": rel, "size": 10, "xxh3_64": xxhash.xxh3_64_hexdigest(b"top secret")} for rel in bad]
+        fs.pipe_file(f"{base}/{MANIFEST_FILE}", json.dumps(m).encode())
+        opened = _record_opens(monkeypatch)
+        step = f"memory:/{base}"
+        r = verify_manifest(step)
+        assert r.status == "failed" and len(r.problems) == len(bad), r.problems
+        for rel, line in zip(bad, r.problems):
+            assert line.startswith(f"{step}/{MANIFEST_FILE}: entry {rel!r} ") and "not read" in line, (rel, line)
+        assert len(opened) == len(m["files"]) - len(bad)
+        assert not any("secret" in p or "shadow" in p for p in opened)
+    finally:
+        fs.rm(f"/{bucket}", recursive=True)
+        fs.rm("/etc/shadow")
+
+
+def test_crash_leftovers_are_never_hashed_nor_reported(tmp_path, one):
+    """The temp names storage writes (``tmp_path_for``: ``.<name>.tmp.<pid>.<n>``) and
+    ``.deleting.`` trees are neither listed in a manifest nor reported as extra files.
+    (Before: the old pattern missed the ``.<n>`` suffix.)"""
+    from prime_ckpt.storage import is_leftover, tmp_path_for
+
+    run = copy_run(one, tmp_path / "run")
+    step = run / "checkpoints" / "step_4"
+    weights = run / "weights" / "step_4"
+    leftovers = [tmp_path_for(step / "trainer" / "__0_0.distcp"), tmp_path_for(weights / "model.safetensors")]
+    doomed = step / "trainer" / f".old.deleting.{os.getpid()}.7"
+    doomed.mkdir()
+    leftovers.append(doomed / "__0_0.distcp")
+    for p in leftovers:
+        assert is_leftover(p.name) or is_leftover(p.parent.name)
+        p.write_bytes(b"half written")
+    for d in (step, weights):
+        assert verify_step(d).ok, verify_step(d).problems  # not reported as extra files
+        write_manifest(d)
+        names = [f["path"] for f in read_manifest(d)["files"]]
+        assert not any(".tmp." in n or ".deleting." in n for n in names), names
+        assert verify_step(d).ok

@@ -4,6 +4,7 @@ classic retention bugs as unit cases."""
 import random
 from pathlib import Path
 
+from tests.marks import write_orchestrator_mark, write_trainer_mark
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -195,8 +196,8 @@ def _make_run(root: Path, ck_steps, w_steps):
     for s in ck_steps:
         t = root / "checkpoints" / f"step_{s}" / "trainer"
         t.mkdir(parents=True)
-        (t / ".metadata").write_bytes(b"m")
-        (t.parent / "orchestrator.pt").write_bytes(b"o")
+        write_trainer_mark(t)
+        write_orchestrator_mark(t.parent / "orchestrator.pt", s)
     for s in w_steps:
         d = root / "weights" / f"step_{s}"
         d.mkdir(parents=True)

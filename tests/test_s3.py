@@ -117,7 +117,7 @@ WRITE_STEP = """
 import sys
 import s3fs
 fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": sys.argv[1]})
-fs.pipe_file(sys.argv[2] + "/checkpoints/step_7/trainer/.metadata", b"x")
+fs.pipe_file(sys.argv[2] + "/checkpoints/step_7/trainer/.metadata", bytes.fromhex(sys.argv[3]))
 fs.pipe_file(sys.argv[2] + "/weights/step_7/COMPLETE", b"")
 """
 
@@ -132,11 +132,14 @@ def test_step_written_by_another_process_becomes_visible(s3_bucket):
     from prime_ckpt.storage import atomic_write_bytes
 
     root = UPath(s3_bucket.url, **s3_bucket.storage_options, use_listings_cache=True)
-    atomic_write_bytes(root / "checkpoints" / "step_3" / "trainer" / ".metadata", b"x")
+    from tests.marks import EMPTY_METADATA
+
+    atomic_write_bytes(root / "checkpoints" / "step_3" / "trainer" / ".metadata", EMPTY_METADATA)
     fs, ckpts = root.fs, f"{s3_bucket.bucket}/run/checkpoints"
-    assert [p.rsplit("/", 1)[1] for p in fs.ls(ckpts)] == ["step_3"]
     assert latest_complete_step(root, ("trainer",)) == 3
-    subprocess.run([sys.executable, "-c", WRITE_STEP, s3_bucket.endpoint, f"{s3_bucket.bucket}/run"], check=True, timeout=120)
+    assert [p.rsplit("/", 1)[1] for p in fs.ls(ckpts)] == ["step_3"]
+    subprocess.run([sys.executable, "-c", WRITE_STEP, s3_bucket.endpoint, f"{s3_bucket.bucket}/run", EMPTY_METADATA.hex()],
+                   check=True, timeout=120)
     assert [p.rsplit("/", 1)[1] for p in fs.ls(ckpts)] == ["step_3"]  # the cached listing is stale
     assert latest_complete_step(root, ("trainer",)) == 7
     assert resolve_resume_step(root, -1, ("trainer",)) == 7

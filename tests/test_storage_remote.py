@@ -12,6 +12,7 @@ import pytest
 
 from prime_ckpt.dcp_metadata import MetadataError, UnsafeMetadataError, read_dcp_metadata
 from prime_ckpt.layout import scan_checkpoints, scan_inventory
+from tests.marks import EMPTY_METADATA
 from prime_ckpt.storage import (
     atomic_write,
     atomic_write_bytes,
@@ -51,9 +52,13 @@ def make_step(root, step: int, *, weights: bool = False):
         for name, data in (("model.safetensors", b"m" * 10), ("config.json", b"{}"), ("manifest.json", b"{}"), ("COMPLETE", b"")):
             atomic_write_bytes(d / name, data)
         return d
+    import torch
+
+    buf = io.BytesIO()
+    torch.save({"step": step}, buf)
     d = root / "checkpoints" / f"step_{step}"
-    for name, data in (("trainer/__0_0.distcp", b"a" * 100), ("trainer/__1_0.distcp", b"b" * 50), ("trainer/.metadata", b"md"),
-                       ("orchestrator.pt", b"o" * 7), ("manifest.json", b"{}")):
+    for name, data in (("trainer/__0_0.distcp", b"a" * 100), ("trainer/__1_0.distcp", b"b" * 50), ("trainer/.metadata", EMPTY_METADATA),
+                       ("orchestrator.pt", buf.getvalue()), ("manifest.json", b"{}")):
         atomic_write_bytes(d / name, data)
     return d
 
@@ -102,7 +107,7 @@ def test_atomic_write_error_uploads_nothing(root):
 # -- deletes ----------------------------------------------------------------------------------
 def test_remove_tree_and_tree_size(root):
     d = make_step(root, 3)
-    assert tree_size(d) == 100 + 50 + 2 + 7 + 2
+    assert tree_size(d) == 100 + 50 + len(EMPTY_METADATA) + len((d / "orchestrator.pt").read_bytes()) + 2
     assert tree_size(root / "nothing") == 0
     assert remove_tree(d) is True
     assert names(root) == [] and not d.exists()
@@ -169,7 +174,7 @@ def test_clean_leftovers_and_set_aside(root):
     moved = set_aside([root / "checkpoints" / "step_6"], into)
     assert [str(m) for m in moved] == [f"{into}/step_6"]
     assert [c.step for c in scan_checkpoints(root)] == [4]
-    assert (into / "step_6" / "trainer" / ".metadata").read_bytes() == b"md"
+    assert (into / "step_6" / "trainer" / ".metadata").read_bytes() == EMPTY_METADATA
     assert tree_size(into) == tree_size(root / "checkpoints" / "step_4")
 
 

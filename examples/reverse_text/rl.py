@@ -9,10 +9,12 @@
 Routing: ``--ckpt``/``--ckpt.*``, ``--model.*`` and ``--output-dir``, ``--max-steps``,
 ``--async-level``, ``--seed`` go to both programs; ``--trainer.*`` / ``--orchestrator.*`` go to
 one (prefix stripped); ``--trainer @ f.toml`` passes ``@ f.toml``. Both configs are validated
-before anything starts (a bad flag: one line naming it, exit 2). ``--ckpt.resume-step -1`` is
-resolved here, once, to a concrete step that both programs then load; rollouts and weights
-newer than the start step (left by the stopped run) are removed first, so neither side can
-run ahead on stale files. The trainer runs under ``torchrun --standalone --nproc-per-node
+before anything starts (a bad flag: one line naming it, exit 2). The run is entered through the
+library (:func:`prime_ckpt.run.enter_run`): the output directory's lease (a second run fails at
+once), ``--ckpt.resume-step -1`` resolved once to the newest resumable step that both programs
+then load, and checkpoints, weights and rollouts newer than it (left by a stopped or earlier
+run) set aside together under ``superseded/``, never deleted, so neither side can run ahead
+on stale files. The trainer runs under ``torchrun --standalone --nproc-per-node
 <--nproc>``; if either program fails the other is stopped and the exit status is non-zero.
 
 Preemption: SIGTERM or SIGUSR1 to the launcher goes to the trainer's workers and to the
@@ -31,8 +33,9 @@ import time
 from pathlib import Path
 
 from prime_ckpt.config import ConfigError, parse_cli
-from prime_ckpt.layout import parse_step, resolve_resume_step, scan_checkpoints
-from prime_ckpt.storage import remove_tree, set_aside
+from prime_ckpt.errors import RunLeaseError
+from prime_ckpt.layout import RUN_PARTS
+from prime_ckpt.run import RUN_ID_ENV, enter_run
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED_FLAGS = ("--output-dir", "--max-steps", "--async-level", "--seed")
@@ -105,22 +108,6 @@ def route(argv: list[str]) -> tuple[list[str], list[str], int]:
 def _fail(msg: str, code: int = 2) -> None:
     print(f"rl: error: {msg}", file=sys.stderr, flush=True)
     raise SystemExit(code)
-
-
-def clear_stale(output_dir: Path, start: int, fresh: bool) -> list[str]:
-    """Remove rollouts and weights newer than ``start`` (all of them on a fresh start): files a
-    stopped run left that would let the orchestrator or the trainer skip a wait."""
-    removed = []
-    for sub, suffix in (("rollouts", ".pt"), ("weights", "")):
-        d = output_dir / sub
-        if not d.is_dir():
-            continue
-        for entry in sorted(d.iterdir()):
-            n = parse_step(entry.name[: -len(suffix)] if suffix and entry.name.endswith(suffix) else entry.name)
-            if n is not None and (fresh or n > start):
-                remove_tree(entry)
-                removed.append(f"{sub}/{entry.name}")
-    return removed
 
 
 def _children(pid: int) -> list[int]:
@@ -239,37 +226,36 @@ def main(argv: list[str] | None = None) -> int:
         _fail("--ckpt: trainer and orchestrator must both checkpoint, at the same --ckpt.interval")
 
     out = tcfg.output_dir
-    start = None
-    if tcfg.ckpt is not None and tcfg.ckpt.resume_step is not None:
-        try:
-            start = resolve_resume_step(out, tcfg.ckpt.resume_step)
-        except (FileNotFoundError, ValueError) as e:
-            _fail(str(e), code=1)
-        if tcfg.ckpt.resume_step == -1:  # decide once; both programs load this very step
-            pinned = ["--ckpt.resume-step", "null" if start is None else str(start)]
-            trainer_args += pinned
-            orch_args += pinned
+    # Enter the run through the library (prime_ckpt.run.enter_run): the output directory's lease
+    # (a second run fails at once), the start step (-1: the newest resumable one, decided once;
+    # both programs load this very step), and every checkpoint, weights and rollout step of an
+    # earlier run newer than it set aside together under superseded/ (never deleted). The
+    # trainer's Checkpointer joins the lease through PRIME_CKPT_RUN_ID.
+    resume = tcfg.ckpt.resume_step if tcfg.ckpt is not None else None
+    try:
+        entry = enter_run(out, resume, parts=RUN_PARTS, async_level=tcfg.async_level, also=("rollouts",))
+    except RunLeaseError as e:
+        _fail(str(e), code=1)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e), code=1)
+    start = entry.start_step
+    if resume == -1:
+        pinned = ["--ckpt.resume-step", "null" if start is None else str(start)]
+        trainer_args += pinned
+        orch_args += pinned
     if start is None:
-        print(f"rl: starting fresh in {out}", flush=True)
+        print(f"rl: starting fresh in {out} (run {entry.run_id})", flush=True)
     else:
-        print(f"rl: resuming from checkpoint step {start} in {out}", flush=True)
-    removed = clear_stale(out, start or 0, fresh=start is None)
-    if removed:
-        print(f"rl: removed {len(removed)} stale rollout/weight files newer than step {start or 0}", flush=True)
-    newer = [c for c in scan_checkpoints(out) if start is None or c.step > start]
-    if newer:
-        # Steps this run supersedes (a fresh start in a used dir, or a resume from an older
-        # step) leave the step namespace before either program starts: a resume can never pick
-        # them, and their parts never mix with this run's. Nothing is deleted.
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        where = out / "checkpoints" / f".superseded-{stamp}-{os.getpid()}"
-        set_aside([c.path for c in newer], where)
-        print(f"rl: moved checkpoint steps {[c.step for c in newer]} of an earlier run aside to {where}", flush=True)
+        print(f"rl: resuming from checkpoint step {start} in {out} (run {entry.run_id})", flush=True)
+    if entry.set_aside:
+        print(f"rl: set aside {len(entry.set_aside)} step(s) of an earlier run newer than step {start or 0} "
+              f"into {entry.superseded_dir} (nothing deleted)", flush=True)
 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"
+    env[RUN_ID_ENV] = entry.run_id
     cmds = {
         "trainer": [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                     "-m", "examples.reverse_text.trainer", *trainer_args],
@@ -279,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return Launcher().run(cmds, env)
     finally:
+        if entry.lease is not None:
+            entry.lease.release()
         if server is not None:
             from examples.reverse_text.inference import stop_server
 
