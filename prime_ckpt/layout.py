@@ -69,6 +69,9 @@ GENERATION_CONFIG_FILE = "generation_config.json"  # in weights/step_<N>/, when 
 SAVE_INFO_FILE = "save_info.json"
 CONSUMER_ACK_FILE = "consumer_ack.json"  # in <output_dir>/: the weights step the inference side has loaded
 MANIFEST_FILE = "manifest.json"
+RUN_FILE = "run.json"  # in <output_dir>/: the live run (prime_ckpt.run.enter_run)
+LEASE_FILE = "run.lock"  # in <output_dir>/: who holds the directory (prime_ckpt.run.RunLease)
+SUPERSEDED_DIR = "superseded"  # in <output_dir>/: earlier runs' steps, set aside (never deleted)
 
 #: The parts a full run (trainer + orchestrator) writes for each checkpoint step.
 RUN_PARTS: tuple[str, ...] = (TRAINER_PART, ORCHESTRATOR_PART)

@@ -53,13 +53,17 @@ import xxhash
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from prime_ckpt.errors import StepExistsError
 from prime_ckpt.layout import (
     CONFIG_FILE,
     GENERATION_CONFIG_FILE,
     MANIFEST_FILE,
     SAFETENSORS_INDEX_FILE,
+    SUPERSEDED_DIR,
+    WEIGHTS_DIR,
     WEIGHTS_MARKER,
     RunLayout,
+    scan_weights,
     shard_file_name,
 )
 from prime_ckpt.manifest import ALGORITHM, build_manifest
@@ -72,6 +76,7 @@ from prime_ckpt.storage import (
     is_remote,
     one_line,
     remove_tree,
+    set_aside,
 )
 
 logger = logging.getLogger(__name__)
@@ -467,13 +472,14 @@ class WeightsPublisher:
         rank, world = _rank(), _world_size()
         failures: dict[int, str] = {}
         try:
-            # 1. rank 0 clears a stale directory of this step (a crashed earlier attempt), then
-            #    everyone writes. Its outcome is broadcast: nobody writes into a dir it failed to clear.
+            # 1. rank 0 clears the way, then everyone writes. A directory of this step that is
+            #    complete (a repeated publish) is set aside, never deleted; an incomplete one of ours
+            #    (a crashed attempt) is removed; one that is not ours fails the publish. Its outcome
+            #    is broadcast: nobody writes into a dir it failed to clear.
             prep: list[Any] = [None]
             if rank == 0:
                 try:
-                    if remove_tree(step_dir):
-                        logger.warning("%s already existed (an interrupted or repeated publish of this step); replaced", step_dir)
+                    self._clear_way(step, step_dir)
                     if not is_remote(step_dir):
                         step_dir.mkdir(parents=True, exist_ok=True)
                 except Exception as e:
@@ -517,6 +523,21 @@ class WeightsPublisher:
                 record._failures = failures  # type: ignore[attr-defined]
             else:
                 record.ready_s = time.perf_counter() - t_call
+
+    def _clear_way(self, step: int, step_dir: AnyPath) -> None:
+        """Rank 0: make ``weights/step_<step>`` free for this publish (see :meth:`_job`)."""
+        found = [w for w in scan_weights(self.layout.output_dir) if w.step == step]
+        if not found:
+            return
+        if found[0].foreign is not None:
+            raise StepExistsError(f"{step_dir}: not this project's weights directory ({found[0].foreign}); refusing to replace it")
+        if found[0].complete:
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            where = self.layout.output_dir / SUPERSEDED_DIR / f"{stamp}-republish-step_{step}" / WEIGHTS_DIR
+            set_aside([step_dir], where)
+            logger.warning("%s was already published (complete); set the earlier one aside into %s", step_dir, where)
+        elif remove_tree(step_dir):
+            logger.warning("%s: removed an unfinished earlier publish of this step", step_dir)
 
     def _broadcast(self, box: list[Any]) -> None:
         if self._pg is not None:

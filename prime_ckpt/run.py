@@ -41,7 +41,10 @@ from prime_ckpt.errors import RunLeaseError
 from prime_ckpt.layout import (
     CHECKPOINTS_DIR,
     CONSUMER_ACK_FILE,
+    LEASE_FILE,
+    RUN_FILE,
     RUN_PARTS,
+    SUPERSEDED_DIR,
     WEIGHTS_DIR,
     RunLayout,
     parse_step,
@@ -53,9 +56,6 @@ from prime_ckpt.storage import AnyPath, atomic_write_bytes, is_remote, remote_er
 
 logger = logging.getLogger(__name__)
 
-LEASE_FILE = "run.lock"
-RUN_FILE = "run.json"
-SUPERSEDED_DIR = "superseded"
 #: A launcher passes its run id to the processes it starts, which then join its lease.
 RUN_ID_ENV = "PRIME_CKPT_RUN_ID"
 #: Seconds without a heartbeat after which a lease held from another host counts as abandoned.
@@ -192,7 +192,10 @@ class RunLease:
             current = self._read()
             if current is None:
                 continue  # released in between: try again
-            if current.get("run_id") == self.run_id:
+            if current.get("run_id") == self.run_id or (
+                current.get("host") == socket.gethostname() and current.get("pid") == os.getpid()
+            ):
+                # the same run (a launcher's child), or this very process (a second Checkpointer)
                 self.record, self.owned, self.held = current, False, True
                 return self
             why = self.stale(current)

@@ -44,6 +44,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 from torch.distributed.checkpoint.stateful import Stateful
@@ -51,8 +53,18 @@ from torch.distributed.tensor import DTensor
 
 from prime_ckpt.config import CheckpointConfig
 from prime_ckpt.dcp_metadata import SafeLoadPlanner, read_dcp_metadata
+from prime_ckpt.errors import (
+    CheckpointLoadError,
+    IncompleteCheckpointError,
+    NotResumableError,
+    PrimeCkptError,
+    ProgressMismatchError,
+    RunLeaseError,
+    StepExistsError,
+)
 from prime_ckpt.layout import (
     SAVE_INFO_FILE,
+    SUPERSEDED_DIR,
     TRAINER_PART,
     CheckpointNotFoundError,
     RunLayout,
@@ -62,6 +74,7 @@ from prime_ckpt.layout import (
 )
 from prime_ckpt.manifest import write_manifest
 from prime_ckpt.retention import Plan, RetentionPolicy, apply_plan, plan, with_consumer_ack
+from prime_ckpt.run import DEFAULT_LEASE_TTL_S, RunEntry, enter_run
 from prime_ckpt.staging import ReusedBufferStager
 from prime_ckpt.storage import (
     AnyPath,
@@ -69,7 +82,9 @@ from prime_ckpt.storage import (
     clean_leftovers,
     dcp_reader,
     dcp_writer,
+    one_line,
     remove_tree,
+    set_aside,
     to_path,
     tree_size,
 )
@@ -157,12 +172,42 @@ def source_rank_key(saved_keys: Iterable[str], rank: int) -> str | None:
 
     ``saved_keys`` are the flattened DCP keys (``app.rank_state.rank_<r>.<...>``).
     """
-    saved = sorted({int(m.group(1)) for k in saved_keys if (m := _RANK_KEY_RE.match(k))})
+    saved = _saved_ranks(saved_keys)
+    return f"rank_{_source_rank(saved, rank)}" if saved else None
+
+
+def _saved_ranks(saved_keys: Iterable[str]) -> list[int]:
+    """The ranks that saved per-rank state (``app.rank_state.rank_<r>.<...>`` keys), sorted."""
+    return sorted({int(m.group(1)) for k in saved_keys if (m := _RANK_KEY_RE.match(k))})
+
+
+def _source_rank(saved: list[int], rank: int) -> int:
+    """The rule of :func:`source_rank_key` on the sorted, non-empty list of saved ranks."""
+    return rank if rank in saved else saved[rank % len(saved)]
+
+
+def unused_saved_ranks(saved_keys: Iterable[str], world_size: int) -> list[int]:
+    """Saved ranks whose per-rank state (RNG, dataloader position) no rank of a world of
+    ``world_size`` ranks takes under the rule of :func:`source_rank_key` (rank r takes saved rank
+    r if saved, else saved rank ``r mod N``), sorted. Pure: computed from the keys alone, the same
+    on every rank, no communication.
+
+    Args:
+        saved_keys: the flattened DCP keys of the checkpoint (``.metadata``).
+        world_size: the number of ranks loading it (>= 1).
+    Returns:
+        e.g. ``[1]`` for state saved at 2 ranks loaded at 1; ``[]`` when every saved rank's state
+        is used (or none was saved).
+    Raises:
+        ValueError: ``world_size < 1``.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    saved = _saved_ranks(saved_keys)
     if not saved:
-        return None
-    if rank in saved:
-        return f"rank_{rank}"
-    return f"rank_{saved[rank % len(saved)]}"
+        return []
+    used = {_source_rank(saved, r) for r in range(world_size)}
+    return [r for r in saved if r not in used]
 
 
 def _present_only(template: Any, prefix: str, saved: Any) -> Any:
@@ -177,6 +222,20 @@ def _present_only(template: Any, prefix: str, saved: Any) -> Any:
     return template
 
 
+def _require_stateful(arg: str, obj: Any, example: str) -> None:
+    """Raise ``TypeError`` (one line) unless ``obj`` is None or has callable ``state_dict`` and
+    ``load_state_dict`` (what :class:`TrainerState` calls on it at save and load)."""
+    if obj is None:
+        return
+    lacking = [m for m in ("state_dict", "load_state_dict") if not callable(getattr(obj, m, None))]
+    if lacking:
+        raise TypeError(
+            f"TrainerState({arg}=...): {type(obj).__module__}.{type(obj).__qualname__} has no "
+            f"{' or '.join(m + '()' for m in lacking)}, so its state cannot be checkpointed; pass {example}, "
+            "any object with state_dict() and load_state_dict(), or None"
+        )
+
+
 class TrainerState(Stateful):
     """Everything a trainer rank needs to resume, as one DCP ``Stateful``.
 
@@ -185,8 +244,14 @@ class TrainerState(Stateful):
         optimizers: one optimizer or a list of them.
         scheduler: an LR scheduler (anything with ``state_dict``/``load_state_dict``) or None.
         progress: :class:`Progress`, updated in place on load.
-        dataloader: per-rank data position (anything with ``state_dict``/``load_state_dict``)
-            or None.
+        dataloader: per-rank data position (anything with ``state_dict``/``load_state_dict``,
+            e.g. torchdata's ``StatefulDataLoader``) or None.
+
+    Raises:
+        TypeError: ``scheduler`` or ``dataloader`` is not None and lacks a callable
+            ``state_dict`` or ``load_state_dict`` (a plain ``torch.utils.data.DataLoader`` has
+            neither); checked here rather than failing with an ``AttributeError`` at the first
+            save (issue 15, item 13c).
 
     ``state_dict()`` returns references to live tensors (sharded DTensors stay sharded);
     ``load_state_dict()`` updates the live objects in place via ``set_state_dict``.
@@ -200,6 +265,8 @@ class TrainerState(Stateful):
         progress: Progress | None = None,
         dataloader: StatefulLike | None = None,
     ) -> None:
+        _require_stateful("scheduler", scheduler, "a torch.optim.lr_scheduler scheduler")
+        _require_stateful("dataloader", dataloader, "torchdata's StatefulDataLoader")
         self.model = model
         self.optimizers = list(optimizers) if isinstance(optimizers, (list, tuple)) else [optimizers]
         self.scheduler = scheduler
@@ -319,6 +386,7 @@ class SaveRecord:
             given to the :class:`Checkpointer`; recorded so that ``prime-ckpt plan/prune`` apply
             the run's own rule instead of a default.
         error: the error text if the save failed.
+        run_id: the run that saved it (``run.json``; None when the Checkpointer did not enter).
     """
 
     step: int
@@ -333,6 +401,7 @@ class SaveRecord:
     world_size: int = 1
     async_level: int = 0
     error: str | None = None
+    run_id: str | None = None
     started_at: float = field(default_factory=time.time)
 
 
@@ -377,8 +446,27 @@ class Checkpointer:
         storage_options: fsspec options for a remote ``output_dir`` (``--storage.options``, e.g.
             ``{"client_kwargs": {"endpoint_url": ...}}``); None: the file system's defaults
             (environment variables, ``~/.aws`` ...). Never logged.
+        enter: enter the run on construction (default): rank 0 takes the output directory's
+            lease, decides the start step from ``config.resume_step`` (``-1``: the newest
+            *resumable* step) and sets aside, never deletes, every checkpoint and weights step
+            newer than it (all of them on a fresh start) — see :func:`prime_ckpt.run.enter_run`;
+            the decision is broadcast and :meth:`resume_step` returns it. ``False``: a tool that
+            only reads (or a benchmark) — no lease, nothing moved, no protection.
+        run_id: the run id for the lease (default ``$PRIME_CKPT_RUN_ID``, a launcher's, whose
+            lease is then joined; else a new one). Recorded in ``run.json``.
+        also: the caller's own per-step directories under ``output_dir`` (entries ``step_N`` or
+            ``step_N.<ext>``, e.g. ``("rollouts",)``) set aside with the run's steps on entry.
+        lease_ttl_s: a lease from another host without a heartbeat for this long is taken over
+            (seconds).
 
-    Construct on every rank (collective when ``save_async``: it creates the gloo group once).
+    Construct on every rank (collective when distributed: it creates the gloo group once and
+    broadcasts rank 0's entry decision).
+
+    Raises (on every rank, from construction):
+        RunLeaseError: another live run holds the output directory (one line naming it).
+        NotResumableError: an explicit ``config.resume_step`` is missing, incomplete, foreign or
+            lacks the weights ``[x - async_level, x]`` it needs.
+        ValueError: ``config.resume_step < -1`` or a bad ``async_mode``.
     """
 
     def __init__(
@@ -392,6 +480,10 @@ class Checkpointer:
         weights_interval: int | None = None,
         async_mode: str = "thread",
         storage_options: dict[str, Any] | None = None,
+        enter: bool = True,
+        run_id: str | None = None,
+        also: tuple[str, ...] = (),
+        lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
     ) -> None:
         if async_mode not in ("thread", "process"):
             raise ValueError(f"async_mode must be 'thread' or 'process', got {async_mode!r}")
@@ -432,9 +524,44 @@ class Checkpointer:
             self._pg = dist.new_group(backend="gloo", timeout=timeout)
         if config.save_async:
             self._stager = ReusedBufferStager()
+        #: the step this run started from (None: fresh), decided on entry
+        self.start_step: int | None = None
+        #: this run's id (``run.json``, the lease); None when not entered
+        self.run_id: str | None = None
+        self._entered = enter
+        self._entry: RunEntry | None = None
+        if enter:
+            self._enter(run_id, also, lease_ttl_s)
         if _rank() == 0:
             for leftover in clean_leftovers(self.layout.checkpoints_dir) + clean_leftovers(self.layout.weights_dir):
                 logger.warning("removed a leftover of an interrupted write or delete: %s", leftover)
+
+    def _enter(self, run_id: str | None, also: tuple[str, ...], lease_ttl_s: float) -> None:
+        """Rank 0 enters the run (:func:`prime_ckpt.run.enter_run`); every rank gets the decision
+        (or the same error) by broadcast (DESIGN invariant 4: one decider)."""
+        decision: list[Any] = [None]
+        if _rank() == 0:
+            try:
+                self._entry = enter_run(
+                    self.layout.output_dir, self.config.resume_step, parts=self.parts, async_level=self.async_level,
+                    run_id=run_id, also=also, lease_ttl_s=lease_ttl_s,
+                )
+                decision[0] = ("ok", self._entry.start_step, self._entry.run_id)
+            except RunLeaseError as e:
+                decision[0] = ("lease", str(e), None)
+            except NotResumableError as e:
+                decision[0] = ("missing", str(e), None)
+            except ValueError as e:
+                decision[0] = ("invalid", str(e), None)
+            except Exception as e:  # storage errors (OSError, a backend's own types)
+                decision[0] = ("error", f"{self.layout.output_dir}: could not enter the run: {one_line(e)}", None)
+        if self._pg is not None:
+            dist.broadcast_object_list(decision, src=0, group=self._pg)
+        status, value, rid = decision[0]
+        errors = {"lease": RunLeaseError, "missing": NotResumableError, "invalid": ValueError, "error": PrimeCkptError}
+        if status in errors:
+            raise errors[status](value)
+        self.start_step, self.run_id = value, rid
 
     @property
     def process_group(self):
@@ -483,19 +610,24 @@ class Checkpointer:
         return step > 0 and step % self.config.interval == 0
 
     def resume_step(self, parts: tuple[str, ...] | None = None) -> int | None:
-        """The step to load (see :func:`prime_ckpt.layout.resolve_resume_step`), decided on
-        rank 0 and broadcast so every rank loads the same step.
+        """The step to load, or None for a fresh start: the step decided when the run was
+        entered on construction (``enter=True``; ``parts`` is then ignored). Without entry it is
+        resolved now (see :func:`prime_ckpt.layout.resolve_resume_step`: ``-1`` is the newest
+        resumable step), on rank 0 and broadcast, so every rank loads the same step.
 
-        Raises (on every rank):
-            CheckpointNotFoundError: an explicit step is missing or incomplete.
+        Raises (on every rank; without entry only):
+            CheckpointNotFoundError: an explicit step is missing, incomplete or not resumable.
             ValueError: ``resume_step < -1``.
         """
+        if self._entered:
+            return self.start_step
         decision: list[Any] = [None]
         if _rank() == 0:
             try:
                 decision[0] = (
                     "ok",
-                    resolve_resume_step(self.layout.output_dir, self.config.resume_step, parts or self.parts),
+                    resolve_resume_step(self.layout.output_dir, self.config.resume_step, parts or self.parts,
+                                        async_level=self.async_level),
                 )
             except (CheckpointNotFoundError, ValueError) as e:  # re-raised on every rank below
                 decision[0] = ("missing" if isinstance(e, CheckpointNotFoundError) else "invalid", str(e))
@@ -509,7 +641,7 @@ class Checkpointer:
         return value
 
     # -- save -------------------------------------------------------------------------------
-    def save(self, step: int, state: TrainerState) -> SaveRecord:
+    def save(self, step: int, state: TrainerState, *, overwrite: bool = False) -> SaveRecord:
         """Save ``state`` as checkpoint ``step`` (collective: every rank calls it).
 
         Sync mode returns once the checkpoint is durable. Async mode waits for the previous save,
@@ -519,6 +651,12 @@ class Checkpointer:
         Raises:
             CheckpointSaveError: this (sync) save failed, or the previous async save failed; on
                 every rank (DCP gathers write errors across ranks), naming the ranks and path.
+            ProgressMismatchError: the ranks' :class:`Progress` differ (see :meth:`_check_progress`);
+                on every rank, before anything is written.
+            StepExistsError: checkpoint ``step`` is already complete and ``overwrite`` is False
+                (on every rank, nothing written). With ``overwrite=True`` the complete earlier
+                ``trainer/`` is set aside into ``superseded/`` (never deleted) before the write,
+                so a failed re-save loses nothing.
             RuntimeError: after :meth:`close`.
         """
         if self._closed:
@@ -527,21 +665,86 @@ class Checkpointer:
         self.wait()  # outside the pause: the previous upload may take a while
         wait_prev = time.perf_counter() - t_call
         with gc_paused():
-            return self._save(step, state, t_call, wait_prev)
+            return self._save(step, state, t_call, wait_prev, overwrite)
 
-    def _save(self, step: int, state: TrainerState, t_call: float, wait_prev: float) -> SaveRecord:
+    def _check_progress(self, step: int, state: TrainerState) -> None:
+        """Raise on every rank, before anything is written, unless every rank holds the same
+        :class:`Progress` (one ``all_gather_object`` of a few ints on the checkpoint group; nothing
+        when not distributed).
+
+        The rule's source: ``app.progress`` is saved as a replicated value and DCP keeps one copy
+        of a value every rank saves under the same key, so a per-rank count (tokens this rank
+        saw) would silently come back as one rank's value (issue 15, item 13a).
+
+        Raises:
+            ProgressMismatchError: a field differs between ranks; names the first such field and
+                each rank's value (on every rank, with the same message).
+        """
+        if self._pg is None:
+            return
+        mine = asdict(state.progress)
+        gathered: list[Any] = [None] * dist.get_world_size(self._pg)
+        dist.all_gather_object(gathered, mine, group=self._pg)
+        for name in mine:
+            values = {r: g.get(name) for r, g in enumerate(gathered)}
+            if len(set(values.values())) > 1:
+                by_value: dict[Any, list[int]] = {}
+                for r, v in values.items():
+                    by_value.setdefault(v, []).append(r)
+                detail = "; ".join(
+                    f"{v} on rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}" for v, rs in by_value.items()
+                )
+                raise ProgressMismatchError(
+                    f"{self.layout.trainer_dir(step)}: not saving checkpoint step {step}: Progress.{name} differs "
+                    f"across ranks ({detail}); progress must be the same on every rank "
+                    "(all-reduce per-rank counts before saving); nothing was written",
+                    step=step, field=name, values=values,
+                )
+
+    def _clear_way(self, step: int, trainer_dir: AnyPath, overwrite: bool) -> str | None:
+        """Rank 0, before a save writes anything: refuse (returns the error line) or make
+        ``trainer_dir`` free. A complete earlier save of this step is never deleted: without
+        ``overwrite`` the save is refused, with it the old ``trainer/`` is set aside. A
+        directory holding files of an unfinished save (a crash) is removed: never mix old and
+        new files. An empty directory is left alone: it is this save's, created by a faster
+        rank's planning step (removing it opened a window where a crash left no trace of the
+        save in progress)."""
+        if not _has_files(trainer_dir):
+            return None
+        if trainer_part_complete(trainer_dir):
+            if not overwrite:
+                return (f"{trainer_dir}: checkpoint step {step} is already complete; not replacing it "
+                        "(save(..., overwrite=True) sets the earlier one aside and writes a new one)")
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            where = self.layout.output_dir / SUPERSEDED_DIR / f"{stamp}-resave-step_{step}"
+            set_aside([trainer_dir], where)
+            logger.warning("%s: overwrite=True: the complete earlier save is set aside into %s", trainer_dir, where)
+            return None
+        logger.warning("%s holds files of an unfinished save; replacing it", trainer_dir)
+        remove_tree(trainer_dir)
+        return None
+
+    def _save(self, step: int, state: TrainerState, t_call: float, wait_prev: float, overwrite: bool = False) -> SaveRecord:
+        self._check_progress(step, state)
         trainer_dir = self.layout.trainer_dir(step)
-        if _rank() == 0 and _has_files(trainer_dir):
-            # A stale directory from an earlier run or a crashed save: never mix old and new files.
-            # No barrier needed: every rank writes only after DCP's planning collective, which
-            # rank 0 joins after this removal, so any file here now is from an earlier save. An
-            # empty directory is left alone: it is this save's, created by a faster rank's
-            # planning step (removing it opened a window where a crash left no trace of the
-            # save in progress).
-            logger.warning("%s holds files (stale or earlier save); replacing it", trainer_dir)
-            remove_tree(trainer_dir)
+        # Rank 0 decides and broadcasts (one decider); no rank writes before DCP's planning
+        # collective, which follows this one.
+        verdict: list[Any] = [None]
+        if _rank() == 0:
+            try:
+                refused = self._clear_way(step, trainer_dir, overwrite)
+                verdict[0] = ("exists", refused) if refused else None
+            except Exception as e:
+                verdict[0] = ("error", one_line(e))
+        if self._pg is not None:
+            dist.broadcast_object_list(verdict, src=0, group=self._pg)
+        if verdict[0] is not None:
+            kind, text = verdict[0]
+            if kind == "exists":
+                raise StepExistsError(text)
+            raise CheckpointSaveError(step, trainer_dir, {0: text})
         record = SaveRecord(step=step, mode="async" if self.config.save_async else "sync", world_size=_world_size(),
-                            async_level=self.async_level)
+                            async_level=self.async_level, run_id=self.run_id)
         record.wait_previous_s = wait_prev
         sd = {APP_KEY: state.state_dict()}
         if not self.config.save_async:
@@ -652,6 +855,8 @@ class Checkpointer:
             if self._stager is not None:
                 self._stager.close()
                 self._stager = None
+            if self._entry is not None and self._entry.lease is not None:
+                self._entry.lease.release()
             if self._pg is not None:
                 # Every rank must be past its last collective on the save group before the run
                 # goes on (or exits): a rank whose upload finished first would otherwise leave
@@ -661,27 +866,157 @@ class Checkpointer:
                 dist.barrier(group=self._pg)
 
     # -- load -------------------------------------------------------------------------------
-    def load(self, step: int, state: TrainerState) -> None:
-        """Load checkpoint ``step`` into ``state`` in place (collective).
+    def load(self, step: int, state: TrainerState, *, strict: bool = True, unused_rank_state: str = "warn") -> None:
+        """Load checkpoint ``step`` into ``state`` in place (collective: every rank calls it with
+        the same arguments).
 
-        Raises:
-            FileNotFoundError: ``checkpoints/step_<step>/trainer`` is not a complete checkpoint.
+        Args:
+            step: the checkpoint step (``checkpoints/step_<step>/trainer``).
+            state: the live state; model and optimizer are updated in place (``set_state_dict``).
+            strict: True (default): the flattened model and optimizer keys of ``state``
+                (``app.model.*``, ``app.optimizer.*``: DCP's own flattening, the FQNs of
+                ``.metadata``) must be the saved ones, else :class:`CheckpointLoadError` before
+                anything is read. False: an explicit partial load of the intersection; entries of
+                ``state`` that were not saved keep their current values, saved entries ``state``
+                lacks are not read, and one warning lists both. Either way an optimizer
+                hyperparameter (``app.optimizer.param_groups.<g>.<name>``) saved for a param
+                group the live optimizer has is loaded even if the live group lacks it (e.g.
+                ``initial_lr``, set by an LR scheduler built before the save, which a scheduler
+                built after the load with ``last_epoch`` needs), and one the live group has but
+                the checkpoint lacks keeps its live value (debug log); neither is a mismatch.
+            unused_rank_state: when the per-rank state (RNG, dataloader position) of a saved
+                rank is taken by no current rank (the world size shrank; rule of
+                :func:`source_rank_key`, see :func:`unused_saved_ranks`): ``"warn"`` (default:
+                one warning on rank 0 naming those ranks), ``"error"`` (raise
+                :class:`CheckpointLoadError` on every rank) or ``"ignore"``.
+
+        Raises (on every rank, with the same message):
+            IncompleteCheckpointError: rank 0 finds ``checkpoints/step_<step>/trainer``
+                missing or incomplete (a :class:`CheckpointLoadError`, a ``NotResumableError``
+                and a ``FileNotFoundError``, what this raised before).
+            CheckpointLoadError: some rank could not prepare the load (``.metadata``
+                unreadable, keys differ under ``strict``, unused rank state under ``"error"``
+                ...): names the step, path, failing rank(s) and reason, nothing was read; or
+                DCP's read failed (raised from DCP's ``CheckpointException``, naming the first
+                failing rank).
+            ValueError: ``unused_rank_state`` is not one of the three values (before any
+                collective).
+
+        Why the agreement (issue 15, item 12): rank 0 alone decides whether the step is
+        complete and broadcasts it, and each rank's local preparation (reading ``.metadata``,
+        the key check, choosing the per-rank state) ends in one ``all_gather_object`` of its
+        outcome on the checkpoint group before ``dcp.load``, so a rank with a stale view of
+        shared storage makes every rank raise at once instead of leaving the others blocked
+        inside DCP until the group's timeout.
         """
+        if unused_rank_state not in _UNUSED_RANK_STATE:
+            raise ValueError(f"unused_rank_state must be one of {', '.join(map(repr, _UNUSED_RANK_STATE))}, got {unused_rank_state!r}")
         with gc_paused():
-            self._load(step, state)
+            self._load(step, state, strict=strict, unused_rank_state=unused_rank_state)
 
-    def _load(self, step: int, state: TrainerState) -> None:
+    def _load(self, step: int, state: TrainerState, *, strict: bool, unused_rank_state: str) -> None:
         trainer_dir = self.layout.trainer_dir(step)
-        if not trainer_part_complete(trainer_dir):
-            raise FileNotFoundError(f"{trainer_dir}: not a complete trainer checkpoint (no .metadata)")
-        sd = {APP_KEY: state.state_dict()}
+        self._check_complete(step, trainer_dir)
+        prep: _LoadPrep | None = None
+        failure: str | None = None
+        cause: Exception | None = None
+        try:
+            sd = {APP_KEY: state.state_dict()}
+            prep = self._prepare_load(step, trainer_dir, sd, state, strict=strict, unused_rank_state=unused_rank_state)
+        except Exception as e:  # exchanged below, then raised on every rank
+            failure, cause = _load_reason(e), e
+        self._agree(step, trainer_dir, failure, cause)
+        assert prep is not None
+        try:
+            dcp.load(prep.request, storage_reader=dcp_reader(trainer_dir), planner=SafeLoadPlanner(), process_group=self._pg)
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise _load_error(step, trainer_dir, e) from e
+        for key, path in prep.paths.items():  # tensors were read in place; plain values come back here
+            set_element(sd, path, prep.request[key])
+        own_key, src_key = prep.own_key, prep.src_key
+        loaded_rank_state = sd[APP_KEY]["rank_state"]
+        sd[APP_KEY]["rank_state"] = {own_key: loaded_rank_state[src_key]} if src_key is not None else {}
+        state.remapped_rank_state = src_key is not None and src_key != own_key
+        state.load_state_dict(sd[APP_KEY])
+
+    def _check_complete(self, step: int, trainer_dir: AnyPath) -> None:
+        """Rank 0 decides whether ``trainer_dir`` is a complete checkpoint and broadcasts it on
+        the checkpoint group; every rank raises the same error if it is not."""
+        decision: list[Any] = [None]
+        if _rank() == 0:
+            try:
+                decision[0] = ("ok", None) if trainer_part_complete(trainer_dir) else ("incomplete", None)
+            except Exception as e:  # a storage error while checking: raised on every rank below
+                decision[0] = ("error", one_line(e))
+        if self._pg is not None:
+            dist.broadcast_object_list(decision, src=0, group=self._pg)
+        status, reason = decision[0]
+        if status == "incomplete":
+            raise IncompleteCheckpointError(
+                f"{trainer_dir}: cannot load checkpoint step {step}: not a complete trainer checkpoint "
+                "(missing or incomplete, as rank 0 sees it)",
+                step=step, path=trainer_dir, failures={0: "not a complete trainer checkpoint"},
+            )
+        if status == "error":
+            raise CheckpointLoadError(
+                f"{trainer_dir}: cannot load checkpoint step {step} (rank 0: {reason})", step=step, path=trainer_dir, failures={0: reason}
+            )
+
+    def _agree(self, step: int, trainer_dir: AnyPath, failure: str | None, cause: Exception | None) -> None:
+        """Exchange this rank's preparation outcome (``failure``: None or a one-line reason) with
+        one ``all_gather_object`` on the checkpoint group; if any rank failed, raise the same
+        :class:`CheckpointLoadError` on every rank (chained to this rank's own error, if any).
+        The path named is rank 0's."""
+        outcome = (str(trainer_dir), failure)
+        if self._pg is not None:
+            gathered: list[Any] = [None] * dist.get_world_size(self._pg)
+            dist.all_gather_object(gathered, outcome, group=self._pg)
+        else:
+            gathered = [outcome]
+        failures = {r: f for r, (_, f) in enumerate(gathered) if f is not None}
+        if not failures:
+            return
+        by_reason: dict[str, list[int]] = {}
+        for r, f in failures.items():
+            by_reason.setdefault(f, []).append(r)
+        detail = "; ".join(
+            f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {f}" for f, rs in by_reason.items()
+        )
+        path0 = gathered[0][0]
+        raise CheckpointLoadError(
+            f"{path0}: cannot load checkpoint step {step} ({detail}); nothing was read",
+            step=step, path=path0, failures=failures,
+        ) from cause
+
+    def _prepare_load(
+        self, step: int, trainer_dir: AnyPath, sd: dict[str, Any], state: TrainerState, *, strict: bool, unused_rank_state: str
+    ) -> _LoadPrep:
+        """This rank's part of a load, before any collective: read ``.metadata``, choose the
+        per-rank state, compare keys, and build the flat request ``dcp.load`` reads into (see
+        :meth:`load` for the rules). Raises :class:`CheckpointLoadError` (without path and
+        step: :meth:`_agree` adds them) or whatever reading ``.metadata`` raised."""
         metadata = read_dcp_metadata(trainer_dir)
+        saved = metadata.state_dict_metadata
+        rank, world = _rank(), _world_size()
+        unused = unused_saved_ranks(saved.keys(), world)
+        if unused and unused_rank_state != "ignore":
+            text = (
+                f"the per-rank state (RNG, dataloader position) saved by rank{'s' if len(unused) > 1 else ''} "
+                f"{', '.join(map(str, unused))} is taken by no rank at world size {world} "
+                "(rule: rank r takes saved rank r if saved, else saved rank r mod N)"
+            )
+            if unused_rank_state == "error":
+                raise CheckpointLoadError(f"{text}; load(..., unused_rank_state='warn' or 'ignore') drops it")
+            if rank == 0:
+                logger.warning("%s: %s and is dropped", trainer_dir, text)
         own_key = state._rank_key()
-        src_key = source_rank_key(metadata.state_dict_metadata.keys(), _rank())
+        src_key = source_rank_key(saved.keys(), rank)
         if src_key is None:
             logger.warning(
                 "%s holds no per-rank state: RNG and dataloader position of rank %d start fresh",
-                trainer_dir, _rank(),
+                trainer_dir, rank,
             )
             sd[APP_KEY]["rank_state"] = {}
         else:
@@ -689,20 +1024,112 @@ class Checkpointer:
                 logger.warning(
                     "%s was saved at another world size: rank %d takes the RNG and dataloader state "
                     "of saved %s (rule: rank r takes saved rank r mod N)",
-                    trainer_dir, _rank(), src_key,
+                    trainer_dir, rank, src_key,
                 )
             # Load only the per-rank entries that were saved (e.g. no CUDA RNG from a CPU run).
-            template = _present_only(
-                sd[APP_KEY]["rank_state"][own_key], f"{APP_KEY}.rank_state.{src_key}", metadata.state_dict_metadata
-            )
+            template = _present_only(sd[APP_KEY]["rank_state"][own_key], f"{APP_KEY}.rank_state.{src_key}", saved)
             sd[APP_KEY]["rank_state"] = {src_key: template}
-        dcp.load(
-            sd,
-            storage_reader=dcp_reader(trainer_dir),
-            planner=SafeLoadPlanner(),
-            process_group=self._pg,
-        )
-        loaded_rank_state = sd[APP_KEY]["rank_state"]
-        sd[APP_KEY]["rank_state"] = {own_key: loaded_rank_state[src_key]} if src_key is not None else {}
-        state.remapped_rank_state = src_key is not None and src_key != own_key
-        state.load_state_dict(sd[APP_KEY])
+
+        flat, mapping = flatten_state_dict(sd)  # DCP's own flattening: the keys of .metadata
+        live_groups: dict[str, tuple] = {}  # param group id -> its path in sd
+        for key in flat:
+            if (pg := _param_group_entry(key)) is not None:
+                live_groups.setdefault(pg[0], mapping[key][:-1])
+        saved_groups = {pg[0] for key in saved if (pg := _param_group_entry(key)) is not None}
+        request: dict[str, Any] = {}
+        paths: dict[str, tuple] = {}
+        missing: list[str] = []
+        unexpected: list[str] = []
+        live_hparams: list[str] = []
+        for key, value in flat.items():
+            if key in saved or not key.startswith(_STRICT_PREFIXES):
+                request[key], paths[key] = value, mapping[key]  # outside model/optimizer: DCP names a missing one
+            elif (pg := _param_group_entry(key)) is not None and pg[0] in saved_groups:
+                live_hparams.append(key)  # keeps its live value
+            else:
+                missing.append(key)
+        for key in saved:
+            if key in flat or not key.startswith(_STRICT_PREFIXES):
+                continue
+            if (pg := _param_group_entry(key)) is not None and pg[0] in live_groups:
+                request[key], paths[key] = None, (*live_groups[pg[0]], pg[1])  # e.g. initial_lr
+            else:
+                unexpected.append(key)
+        if live_hparams:
+            logger.debug("%s: optimizer hyperparameters not in the checkpoint keep their live values: %s", trainer_dir, ", ".join(live_hparams))
+        if missing or unexpected:
+            if strict:
+                raise CheckpointLoadError(
+                    f"model/optimizer keys differ from the checkpoint: not saved: {_keys_text(missing, 3)}; "
+                    f"saved but not in the live state: {_keys_text(unexpected, 3)}; "
+                    "load(..., strict=False) loads the intersection"
+                )
+            logger.warning(
+                "%s: partial load of step %d (strict=False): not saved, keep their current values: %s; "
+                "saved but not in the live state, not loaded: %s",
+                trainer_dir, step, _keys_text(missing, 20), _keys_text(unexpected, 20),
+            )
+        return _LoadPrep(request, paths, own_key, src_key)
+
+
+#: the values of ``Checkpointer.load(unused_rank_state=...)``
+_UNUSED_RANK_STATE = ("warn", "error", "ignore")
+#: the parts of the state whose keys a strict load compares with the checkpoint's
+_STRICT_PREFIXES = (f"{APP_KEY}.model.", f"{APP_KEY}.optimizer.")
+_PARAM_GROUPS_PREFIX = f"{APP_KEY}.optimizer.param_groups."
+
+
+@dataclass
+class _LoadPrep:
+    """One rank's prepared load: the flat ``dcp.load`` request, where each loaded value goes in
+    the nested state dict, and the own / source per-rank state keys."""
+
+    request: dict[str, Any]
+    paths: dict[str, tuple]
+    own_key: str
+    src_key: str | None
+
+
+def _param_group_entry(key: str) -> tuple[str, str] | None:
+    """``(group, hyperparameter)`` of an ``app.optimizer.param_groups.<group>.<name>`` key
+    (``<group>`` is DCP's list index; ``None`` for other keys and for ``params``, the group's
+    member list, which is structure, not a hyperparameter)."""
+    if not key.startswith(_PARAM_GROUPS_PREFIX):
+        return None
+    group, _, name = key[len(_PARAM_GROUPS_PREFIX):].rpartition(".")
+    return (group, name) if group and name and name != "params" else None
+
+
+def _keys_text(keys: list[str], n: int) -> str:
+    """``"2 model and 6 optimizer keys (app.model.a, ..., ...)"`` listing the first ``n``."""
+    n_model = sum(k.startswith(_STRICT_PREFIXES[0]) for k in keys)
+    text = f"{n_model} model and {len(keys) - n_model} optimizer keys"
+    if keys:
+        text += f" ({', '.join(keys[:n])}{', ...' if len(keys) > n else ''})"
+    return text
+
+
+def _truncated(text: str, limit: int = 500) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _load_reason(e: BaseException) -> str:
+    """One line naming why a rank could not prepare a load (our own errors without their type)."""
+    return _truncated(" ".join(str(e).split()) if isinstance(e, CheckpointLoadError) else one_line(e))
+
+
+def _load_error(step: int, path: AnyPath, exc: BaseException) -> CheckpointLoadError:
+    """A one-line :class:`CheckpointLoadError` for a failed ``dcp.load`` (DCP's
+    ``CheckpointException`` carries every failing rank's exception; the first one is named)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(exc, CheckpointException) and exc.failures:
+        failures = {int(r): one_line(pair[0] if isinstance(pair, tuple) else pair) for r, pair in exc.failures.items()}
+    else:
+        failures = {_rank(): one_line(exc)}
+    first = min(failures)
+    more = f"; {len(failures) - 1} more rank(s) failed" if len(failures) > 1 else ""
+    return CheckpointLoadError(
+        f"{path}: loading checkpoint step {step} failed (rank {first}: {_truncated(failures[first])}{more})",
+        step=step, path=path, failures=failures,
+    )

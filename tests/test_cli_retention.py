@@ -4,8 +4,8 @@ import json
 
 from typer.testing import CliRunner
 
-from tests.marks import write_orchestrator_mark, write_trainer_mark
 from prime_ckpt.cli import app
+from tests.marks import write_orchestrator_mark, write_trainer_mark
 
 runner = CliRunner()
 

@@ -134,14 +134,17 @@ def test_list_json(run):
     before = objects(run)
     d = json.loads(cli(run, "list", url, "--json").stdout)
     assert d["schema"] == "prime-ckpt.list/1" and d["path"] == url
-    assert d["parts"] == ["trainer", "orchestrator"] and d["latest_complete_step"] == 4
+    assert d["parts"] == ["trainer", "orchestrator"] and d["latest_complete_step"] == 4 and d["latest_resumable_step"] == 4
     assert [r["step"] for r in d["checkpoints"]] == STEPS and [w["step"] for w in d["weights"]] == STEPS
     sizes = objects(run)
     for r in d["checkpoints"]:
         s = r["step"]
         assert r["complete"] and r["parts"] == {"trainer": True, "orchestrator": True} and r["manifest"], r
         assert r["progress"]["step"] == s and r["progress"]["total_tokens"] == 10 * s
-        assert r["save_info"]["world_size"] == 2 and r["problems"] == []
+        assert r["save_info"]["world_size"] == 2
+        # the run published weights 1..4: checkpoint 1 (async level 1) lacks weights 0 of its window
+        assert r["problems"] == ([] if s > 1 else [f"{url}/checkpoints/step_1: not resumable: weights step(s) 0 of its window [0, 1] (async level 1) are not complete"])
+        assert r["resumable"] == (s > 1)
         assert r["bytes"] == sum(size for k, (size, _) in sizes.items() if k.startswith(f"run/checkpoints/step_{s}/"))
     assert all(w["complete"] and w["manifest"] for w in d["weights"])
     assert d["ignored"] == []

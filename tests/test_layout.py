@@ -1,6 +1,5 @@
 """Step parsing, inventory, completeness and resume-step resolution."""
 
-from tests.marks import write_orchestrator_mark, write_trainer_mark
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -14,6 +13,7 @@ from prime_ckpt.layout import (
     scan_checkpoints,
     scan_weights,
 )
+from tests.marks import write_orchestrator_mark, write_trainer_mark
 
 
 def make_step(root, step, trainer=True, orchestrator=True, trainer_started=True):

@@ -158,6 +158,28 @@ def test_republishing_a_step_replaces_a_stale_directory(tmp_path):
     assert verify_path(stale)[0].status == "ok"
 
 
+def test_republishing_a_complete_step_sets_the_earlier_one_aside_and_a_foreign_dir_is_refused(tmp_path):
+    with WeightsPublisher(tmp_path, save_async=False) as pub:
+        pub.publish(1, Small())
+    first = {p.name: p.read_bytes() for p in RunLayout(tmp_path).weights_step_dir(1).iterdir()}
+    model = Small()
+    with torch.no_grad():
+        model.proj.weight.add_(1.0)
+    with WeightsPublisher(tmp_path, save_async=False) as pub:
+        pub.publish(1, model)
+    [aside] = list((tmp_path / "superseded").glob("*-republish-step_1/weights/step_1"))
+    assert {p.name: p.read_bytes() for p in aside.iterdir()} == first  # nothing lost
+    got, _ = load_weights(RunLayout(tmp_path).weights_step_dir(1))
+    assert torch.equal(got["proj.weight"], model.proj.weight.detach())
+    foreign = RunLayout(tmp_path).weights_step_dir(2)
+    foreign.mkdir(parents=True)
+    (foreign / "pytorch_model.bin").write_bytes(b"someone else's")
+    with pytest.raises(WeightsPublishError, match=r"step_2: not this project's weights directory"):
+        with WeightsPublisher(tmp_path, save_async=False) as pub:
+            pub.publish(2, Small())
+    assert (foreign / "pytorch_model.bin").read_bytes() == b"someone else's"
+
+
 def test_verify_names_a_flipped_shard_and_inspect_reads_every_shard(tmp_path):
     with WeightsPublisher(tmp_path, save_async=False) as pub:
         pub.publish(2, Small())

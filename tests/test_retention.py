@@ -4,7 +4,6 @@ classic retention bugs as unit cases."""
 import random
 from pathlib import Path
 
-from tests.marks import write_orchestrator_mark, write_trainer_mark
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,6 +20,7 @@ from prime_ckpt.retention import (
     apply_plan,
     plan,
 )
+from tests.marks import write_orchestrator_mark, write_trainer_mark
 
 
 def ck(step, trainer=True, orchestrator=True):

@@ -12,7 +12,6 @@ import pytest
 
 from prime_ckpt.dcp_metadata import MetadataError, UnsafeMetadataError, read_dcp_metadata
 from prime_ckpt.layout import scan_checkpoints, scan_inventory
-from tests.marks import EMPTY_METADATA
 from prime_ckpt.storage import (
     atomic_write,
     atomic_write_bytes,
@@ -26,6 +25,7 @@ from prime_ckpt.storage import (
     to_path,
     tree_size,
 )
+from tests.marks import EMPTY_METADATA
 
 
 @pytest.fixture(params=["memory", "s3"])

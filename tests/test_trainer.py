@@ -66,9 +66,11 @@ def test_write_failure_on_one_rank_raises_everywhere(tmp_path, run_ranks, mode):
         assert f"rank {r}: CheckpointSaveError: " in res.stdout, res.stdout[-3000:]
         assert f"rank {r}: step 1 still loads bitwise" in res.stdout
     assert "checkpoint step 2 failed (rank 1: OSError: [Errno 28] No space left on device" in res.stdout
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_1", "step_2"]
+    # the resume from step 1 set the failed step 2 aside (nothing deleted)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_1"]
+    [failed] = (tmp_path / "run" / "superseded").glob("*/checkpoints/step_2")
     assert (tmp_path / "run" / "checkpoints" / "step_1" / "trainer" / ".metadata").is_file()
-    assert not (tmp_path / "run" / "checkpoints" / "step_2" / "trainer" / ".metadata").exists()
+    assert not (failed / "trainer" / ".metadata").exists()
 
 
 def test_resume_step_errors_keep_their_type(tmp_path):
@@ -191,3 +193,162 @@ def test_write_threads_write_one_file_each_and_load_back(tmp_path, save_async):
         assert all(torch.equal(s["exp_avg"], w) for s, w in zip(opt.state.values(), want_opt))
     finally:
         dist.destroy_process_group()
+
+
+# -- entering a run (issue 15: items 3, 5, 8 through the README's library loop) ------------------
+def _small_state(seed: int = 0):
+    import torch
+
+    from prime_ckpt.trainer import TrainerState
+
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    return model, TrainerState(model, opt)
+
+
+def test_a_fresh_checkpointer_in_a_reused_dir_never_resumes_the_earlier_run(tmp_path):
+    """An earlier run left complete steps 500..700; a fresh Checkpointer (no resume) with keep=3
+    saves 100 and 200: the old steps were set aside on entry (not deleted), so a crash-resume of
+    the new run (-1) loads 200, and nothing of the earlier run is lost."""
+    from prime_ckpt.config import CheckpointConfig
+    from prime_ckpt.layout import resolve_resume_step
+    from prime_ckpt.trainer import Checkpointer
+
+    _model, state = _small_state(1)
+    old = Checkpointer(tmp_path, CheckpointConfig(interval=100))
+    for s in (500, 600, 700):
+        old.save(s, state)
+    old.close()
+    _model, state = _small_state(2)
+    new = Checkpointer(tmp_path, CheckpointConfig(interval=100, keep=3))
+    assert new.resume_step() is None
+    for s in (100, 200):
+        new.save(s, state)
+    new.close()
+    assert [c.step for c in scan_checkpoints(tmp_path)] == [100, 200]
+    assert resolve_resume_step(tmp_path, -1, ("trainer",)) == 200
+    [aside] = (tmp_path / "superseded").iterdir()
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step_500", "step_600", "step_700"]
+    assert all(c.complete(("trainer",)) for c in scan_checkpoints(aside))
+    assert json.loads((tmp_path / "run.json").read_text())["run_id"] == new.run_id
+    assert json.loads((tmp_path / "checkpoints" / "step_200" / "save_info.json").read_text())["run_id"] == new.run_id
+    assert not (tmp_path / "run.lock").exists()  # released by close()
+
+
+def test_resaving_a_complete_step_is_refused_and_overwrite_sets_the_old_one_aside(tmp_path):
+    import torch
+
+    from prime_ckpt.config import CheckpointConfig
+    from prime_ckpt.errors import StepExistsError
+    from prime_ckpt.trainer import Checkpointer
+
+    model, state = _small_state(3)
+    ck = Checkpointer(tmp_path, CheckpointConfig(interval=1))
+    ck.save(5, state)
+    first = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1)
+    with pytest.raises(StepExistsError, match=r"step_5/trainer: checkpoint step 5 is already complete; not replacing it"):
+        ck.save(5, state)
+    ck.save(5, state, overwrite=True)
+    ck.close()
+    [aside] = (tmp_path / "superseded").glob("*-resave-step_5/trainer")
+    for where, want in ((tmp_path, model.weight.detach().clone()), (None, first)):
+        model2, state2 = _small_state(4)
+        if where is None:  # the set-aside earlier save is whole and loads bitwise
+            import torch.distributed.checkpoint as dcp
+
+            sd = {"app": {"model": {"weight": torch.empty(3, 4), "bias": torch.empty(3)}}}
+            dcp.load(sd, checkpoint_id=str(aside))
+            assert torch.equal(sd["app"]["model"]["weight"], want)
+        else:
+            Checkpointer(tmp_path, CheckpointConfig(resume_step=5)).load(5, state2)
+            assert torch.equal(model2.weight, want)
+
+
+def test_a_second_checkpointer_on_a_held_dir_fails_at_once(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from prime_ckpt.config import CheckpointConfig
+    from prime_ckpt.errors import RunLeaseError
+    from prime_ckpt.trainer import Checkpointer
+
+    hold = textwrap.dedent("""
+        import sys, time
+        from prime_ckpt.config import CheckpointConfig
+        from prime_ckpt.trainer import Checkpointer
+        ck = Checkpointer(sys.argv[1], CheckpointConfig(interval=1))
+        print("held", ck.run_id, flush=True)
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        _, holder = proc.stdout.readline().split()
+        with pytest.raises(RunLeaseError, match=rf"output directory is in use by run {holder} \(pid {proc.pid} "):
+            Checkpointer(tmp_path, CheckpointConfig(interval=1, resume_step=-1))
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("what", ["save", "publish"])
+def test_kill_while_overwriting_a_step_loses_nothing(tmp_path, what):
+    """SIGKILL at several instants while step 5 is being overwritten (a checkpoint re-saved with
+    overwrite=True, a weights step published again): the earlier complete version is always whole
+    somewhere — still in place, or set aside under superseded/ — and the step in place is either
+    version, complete, or visibly incomplete; never a mix."""
+    import hashlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from prime_ckpt.layout import scan_weights, trainer_part_complete, weights_complete
+    from prime_ckpt.weights import load_weights
+
+    def sha(t):
+        return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+    def weight_of(path):
+        if what == "save":
+            sd = {"app": {"model": {"weight": torch.empty(1024, 1024), "bias": torch.empty(1024)}}}
+            dcp.load(sd, checkpoint_id=str(path), no_dist=True)
+            return sha(sd["app"]["model"]["weight"])
+        return sha(load_weights(path)[0]["weight"])
+
+    def complete(path):
+        return trainer_part_complete(path) if what == "save" else weights_complete(path)
+
+    for i, delay in enumerate((0.0, 0.005, 0.02, 0.05, 0.1, 0.3)):
+        out = tmp_path / f"run{i}"
+        proc = subprocess.Popen([sys.executable, "tests/dist_scripts/overwrite_kill.py", str(out), what],
+                                stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+        try:
+            v1 = proc.stdout.readline().split()[1]
+            v2 = proc.stdout.readline().split()[1]
+            time.sleep(delay)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+        finally:
+            proc.kill()
+            proc.wait()
+        place = out / "checkpoints" / "step_5" / "trainer" if what == "save" else out / "weights" / "step_5"
+        aside = sorted((out / "superseded").glob("*/trainer" if what == "save" else "*/weights/step_5"))
+        versions = {weight_of(p) for p in [place, *aside] if p.exists() and complete(p)}
+        assert v1 in versions, (delay, versions)  # the earlier version is never lost
+        assert versions <= {v1, v2}
+        if place.exists() and complete(place):
+            assert weight_of(place) in (v1, v2)
+        if what == "publish":
+            assert all(w.foreign is None for w in scan_weights(out))

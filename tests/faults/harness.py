@@ -377,6 +377,22 @@ def newest_complete(snapshot: list[CheckpointStep]) -> int | None:
     return max(complete) if complete else None
 
 
+#: --async-level of the example's configs: resuming at checkpoint x needs weights [x - 2, x]
+ASYNC_LEVEL = 2
+
+
+def newest_resumable(snapshot: list[CheckpointStep], out: Path) -> int | None:
+    """The newest complete step whose weights [x - k, x] are all complete (the seed's rule,
+    checked here from the weights directories' COMPLETE marks, independently of the library)."""
+    weights = out / "weights"
+    for c in sorted(snapshot, key=lambda c: c.step, reverse=True):
+        if c.complete(RUN_PARTS) and all(
+            (weights / f"step_{s}" / "COMPLETE").is_file() for s in range(max(0, c.step - ASYNC_LEVEL), c.step + 1)
+        ):
+            return c.step
+    return None
+
+
 def describe_snapshot(snapshot: list[CheckpointStep]) -> str:
     if not snapshot:
         return "no steps"
@@ -623,7 +639,7 @@ def kill_and_snapshot(t: Trial, launch: Launch, ranks: dict[int, int], ref: Refe
         wait_gone(out, 10)
     t.exit_s = time.monotonic() - t_kill
     t.snapshot = scan_checkpoints(out)
-    t.expected = newest_complete(t.snapshot)
+    t.expected = newest_resumable(t.snapshot, out)
     t.problems += check_inspect(out, t.snapshot, subprocess_cli)
     t.problems += check_disk(out, t.snapshot, ref)
 
@@ -745,7 +761,7 @@ def _run_trials(n: int, seed: int, workdir: Path, ref: Reference, *, verbose: bo
                 t.fired = f"nothing (run ended with {rc} first)"
                 wait_gone(out, EXIT_TIMEOUT)
                 t.snapshot = scan_checkpoints(out)
-                t.expected = newest_complete(t.snapshot)
+                t.expected = newest_resumable(t.snapshot, out)
                 t.problems += check_inspect(out, t.snapshot, subprocess_cli) + check_disk(out, t.snapshot, ref)
             else:
                 if t.jitter_s:
