@@ -6,7 +6,7 @@
    orchestrator), no checkpoints;
 2. the same run with async checkpoints; once checkpoint step ~N/2 is complete on disk, the whole
    job (trainer + orchestrator, not the server) is SIGKILLed;
-3. the same command with ``--ckpt.resume-step -1`` picks the newest complete step x; the server,
+3. the same command with ``--ckpt.resume-step -1`` picks the newest resumable step x (complete, with its weights [x - async_level, x]); the server,
    still running (same pid), is told to load the weights of x - async_level; the run finishes;
 4. compare: final parameters (sha256) and every loss after the resume step must be identical to
    the reference (vLLM's seeded sampling reproduces the rollouts); reward must have risen;

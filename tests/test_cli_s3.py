@@ -68,7 +68,7 @@ def objects(bucket) -> dict[str, tuple[int, str]]:
 
 def step_prefixes(bucket) -> set[str]:
     """``run/checkpoints/step_N`` / ``run/weights/step_N`` prefixes that hold objects."""
-    return {"/".join(k.split("/")[:3]) for k in objects(bucket)}
+    return {"/".join(k.split("/")[:3]) for k in objects(bucket) if k.split("/")[1] in ("checkpoints", "weights")}
 
 
 def one_error_line(r, *words: str) -> str:
@@ -211,7 +211,7 @@ def test_plan_then_prune_keep_1(run):
     }
     paths = {e["path"] for e in d["entries"]}
     assert f"{url}/checkpoints/step_1" in paths and f"{url}/weights/step_4" in paths
-    kept = ("run/checkpoints/step_4/", "run/weights/step_3/", "run/weights/step_4/")
+    kept = ("run/checkpoints/step_4/", "run/weights/step_3/", "run/weights/step_4/", "run/run.json")
     freed = sum(size for k, (size, _) in before.items() if not k.startswith(kept))
     assert d["bytes_freed"] == freed
     assert objects(run) == before  # a dry run

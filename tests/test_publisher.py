@@ -174,9 +174,9 @@ def test_republishing_a_complete_step_sets_the_earlier_one_aside_and_a_foreign_d
     foreign = RunLayout(tmp_path).weights_step_dir(2)
     foreign.mkdir(parents=True)
     (foreign / "pytorch_model.bin").write_bytes(b"someone else's")
-    with pytest.raises(WeightsPublishError, match=r"step_2: not this project's weights directory"):
-        with WeightsPublisher(tmp_path, save_async=False) as pub:
-            pub.publish(2, Small())
+    with pytest.raises(WeightsPublishError, match=r"step_2: not this project's weights directory"), \
+            WeightsPublisher(tmp_path, save_async=False) as pub:
+        pub.publish(2, Small())
     assert (foreign / "pytorch_model.bin").read_bytes() == b"someone else's"
 
 

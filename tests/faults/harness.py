@@ -847,6 +847,77 @@ def _retried_save_scenario(workdir: Path, ref: Reference, mode: str, kill_at: in
     return [f"retried save ({mode}): {p}" for p in problems]
 
 
+# -- two runs on one directory; the lease holder is killed -------------------------------------
+def lease_scenario(workdir: Path, ref: Reference, subprocess_cli: bool = False) -> list[str]:
+    """Run A holds the output directory; run B on the same directory fails at once (non-zero,
+    one line naming A) and changes nothing; A is SIGKILLed while it holds the lease; run C
+    (``--ckpt.resume-step -1``) takes the stale lease over, resumes from the newest resumable step
+    and ends bitwise the reference. Returns the problems found."""
+    try:
+        return _lease_scenario(workdir, ref, subprocess_cli)
+    finally:
+        kill_live()
+
+
+def _lease_scenario(workdir: Path, ref: Reference, subprocess_cli: bool) -> list[str]:
+    out = workdir / "lease"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    args = ["--ckpt.interval", "2", "--ckpt.save-async", "--max-steps", str(ref.steps)]
+    problems: list[str] = []
+    a = Launch(out, args, workdir / "lease.a.log")
+    while not LAUNCH_FRESH_RE.search(a.text()):  # A's launcher holds the lease from here on
+        if a.proc.poll() is not None or a.expired():
+            a.kill_all()
+            return [f"run A did not start:\n{a.tail()}"]
+        time.sleep(0.02)
+    t_b = time.monotonic()
+    b = Launch(out, [*args, "--ckpt.resume-step", "-1"], workdir / "lease.b.log")
+    rc_b = b.wait(60)
+    took = time.monotonic() - t_b
+    if rc_b is None:
+        b.kill_all()
+        problems.append("run B on the held directory did not exit within 60 s")
+    elif rc_b == 0 or "output directory is in use by run" not in b.text():
+        problems.append(f"run B exited {rc_b} without naming the holder:\n{b.tail()}")
+    if a.proc.poll() is not None:
+        problems.append(f"run A stopped ({a.proc.poll()}) before it could be killed holding the lease:\n{a.tail()}")
+    while a.proc.poll() is None and not a.expired() and not any(c.parts.get("trainer") for c in scan_checkpoints(out)):
+        time.sleep(POLL_S)  # kill once A has a complete checkpoint, mid-run
+    if a.proc.poll() is not None:
+        problems.append(f"run A exited ({a.proc.poll()}) before it could be killed holding the lease:\n{a.tail()}")
+    fired = describe_snapshot(scan_checkpoints(out))
+    os.killpg(a.proc.pid, signal.SIGKILL)  # while it holds the lease
+    a.wait(EXIT_TIMEOUT)
+    if survivors := wait_gone(out, EXIT_TIMEOUT):
+        a.kill_all()
+        problems.append(f"processes alive after killing run A: {survivors}")
+    snap = scan_checkpoints(out)
+    expected = newest_resumable(snap, out)
+    if (out / "checkpoints").is_dir() or (out / "weights").is_dir():  # (A may be killed before its first write)
+        problems += check_inspect(out, snap, subprocess_cli) + check_disk(out, snap, ref)
+    c = Launch(out, [*args, "--ckpt.resume-step", "-1"], workdir / "lease.c.log")
+    err, info = await_start(c)
+    if err:
+        c.kill_all()
+        return problems + [f"run C: {err}"]
+    problems += check_start(info, expected, ref)
+    rc = c.wait(max(1.0, LAUNCH_TIMEOUT - (time.monotonic() - c.t0)))
+    if rc != 0:
+        c.kill_all()
+        return problems + [f"run C exited {rc}:\n{c.tail()}"]
+    final = FINAL_RE.findall(c.text())
+    if not final or final[-1][1] != ref.hashes[ref.steps]:
+        problems.append(f"final params sha256 {final[-1][1][:12] if final else None} != reference")
+    if (out / "run.lock").exists():
+        problems.append("run C left its lease behind")
+    if not problems:
+        print(f"lease: run B refused in {took:.1f} s; run A killed holding the lease (steps: {fired}); run C took the lease over, resumed "
+              f"from {expected} and ended bitwise the reference", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+    return [f"lease: {p}" for p in problems]
+
+
 def report(result: Result) -> str:
     lines = []
     for t in result.lost:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from tests.faults.harness import (
+    lease_scenario,
     make_plan,
     report,
     retried_save_scenario,
@@ -50,4 +51,10 @@ def test_fault_injection_trials(reference, tmp_path):
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_crashed_then_retried_save(reference, tmp_path, mode):
     problems = retried_save_scenario(tmp_path, reference, mode)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.timeout(900)
+def test_second_run_refused_and_killed_lease_holder_taken_over(reference, tmp_path):
+    problems = lease_scenario(tmp_path, reference)
     assert not problems, "\n".join(problems)
