@@ -37,6 +37,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape as rich_escape
 from rich.table import Table
 
 from prime_ckpt.dcp_metadata import MetadataError
@@ -146,11 +147,40 @@ def _secrets(value: Any) -> list[str]:
     return [value] if isinstance(value, str) and len(value) >= 4 else []
 
 
+# C0 and C1 control characters (ESC starts ANSI sequences), DEL: shown as \xNN, never sent raw.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _visible(text: str) -> str:
+    """``text`` with every control character (ESC, newline, tab ...) written as ``\\xNN``: names
+    and paths from a checkpoint reach the terminal literally, one line each."""
+    return _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _esc(value: Any) -> str:
+    """``value`` as text for a rich table or markup line: control characters made visible and rich
+    markup escaped (``app.[bold]x[/bold]`` is shown as written, not styled)."""
+    return rich_escape(_visible(str(value)))
+
+
+def _safe_tree(value: Any) -> Any:
+    """Every string (keys and values) of a JSON-like result escaped with :func:`_esc`, for the
+    table renderers; JSON output uses the result itself, exact."""
+    if isinstance(value, str):
+        return _esc(value)
+    if isinstance(value, dict):
+        return {(_esc(k) if isinstance(k, str) else k): _safe_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_safe_tree(v) for v in value]
+    return value
+
+
 def _redact(text: str) -> str:
-    """``text`` with every string value of ``--storage.options`` replaced by ``**********``."""
+    """``text`` with every string value of ``--storage.options`` replaced by ``**********``, and
+    control characters made visible (one plain line, never an ANSI sequence)."""
     for secret in _secrets(_state["options"]):
         text = text.replace(secret, "**********")
-    return text
+    return _visible(text)
 
 
 def _backend_errors() -> tuple[type[BaseException], ...]:
@@ -389,7 +419,7 @@ def inspect_cmd(
         _print_json(result)
         return
     con = _console()
-    _RENDERERS[result["kind"]](result, con)
+    _RENDERERS[result["kind"]](_safe_tree(result), con)
     for problem in result.get("problems", []):
         typer.echo(f"warning: {_redact(problem)}", err=True)
 
@@ -467,7 +497,7 @@ def _render_plan(p, sizes, con: Console, title: str) -> None:
         t.add_column(col, overflow="fold")
     for e in p.entries:
         action = "[red]delete[/]" if e.action == "delete" else "[green]keep[/]"
-        t.add_row(e.kind, str(e.step), action, _fmt_bytes(sizes[e.path]), "; ".join(e.reasons))
+        t.add_row(e.kind, str(e.step), action, _fmt_bytes(sizes[e.path]), _esc("; ".join(e.reasons)))
     con.print(t)
     freed = sum(sizes[e.path] for e in p.deletes)
     con.print(f"{len(p.deletes)} to delete, {len(p.keeps)} to keep, {_fmt_bytes(freed)} freed")
@@ -497,7 +527,7 @@ def plan_cmd(
     if as_json:
         _print_json(_plan_json(p, sizes))
         return
-    _render_plan(p, sizes, _console(), f"retention plan for {output_dir} (dry run)")
+    _render_plan(p, sizes, _console(), f"retention plan for {_esc(output_dir)} (dry run)")
 
 
 @app.command("prune")
@@ -522,7 +552,7 @@ def prune_cmd(
     with user_errors(target=output_dir):
         p, sizes = _plan_and_sizes(_target(output_dir), keep, keep_interval, async_level, current_step, weights_interval, consumer_step)
     con = _console()
-    _render_plan(p, sizes, con, f"retention plan for {output_dir}")
+    _render_plan(p, sizes, con, f"retention plan for {_esc(output_dir)}")
     if not p.deletes:
         con.print("nothing to delete")
         return
@@ -603,6 +633,7 @@ def list_cmd(
     if as_json:
         _print_json(table)
         return
+    raw, table = table, _safe_tree(table)
     con = _console()
     con.print(f"[bold]{table['path']}[/]  parts per step: {'+'.join(table['parts'])}")
     t = Table(title="checkpoint steps", title_justify="left")
@@ -635,10 +666,10 @@ def list_cmd(
         con.print("set aside by a later run (never deleted): " + ", ".join(table["superseded"]))
     if table["ignored"]:
         con.print("not ours (ignored): " + ", ".join(table["ignored"]))
-    for r in table["checkpoints"]:
+    for r in raw["checkpoints"]:
         for problem in r["problems"]:
             typer.echo(f"warning: {_redact(problem)}", err=True)
-    for r in table["weights"]:
+    for r in raw["weights"]:
         if r["foreign"] or r["problem"]:
             why = f"not this project's ({r['foreign']}); kept" if r["foreign"] else f"not complete: {r['problem']}"
             typer.echo(f"warning: {_redact(r['path'])}: {why}", err=True)
@@ -720,11 +751,11 @@ def verify_cmd(
         con = _console()
         for r in reports:
             checked = f"{r.files_checked} files, {_fmt_bytes(r.bytes_checked)} checked" if r.manifest else "no checksums"
-            con.print(f"{_STATUS_STYLE.get(r.status, r.status)}  {r.kind} step {r.step}  {r.path}  ({checked})", soft_wrap=True)
+            con.print(f"{_STATUS_STYLE.get(r.status, r.status)}  {r.kind} step {r.step}  {_esc(r.path)}  ({checked})", soft_wrap=True)
             for problem in r.problems:
-                con.print(f"    {problem}", markup=False, soft_wrap=True)
+                con.print(f"    {_visible(problem)}", markup=False, soft_wrap=True)
             for u in r.unverified:
-                con.print(f"    {u}: not covered by manifest.json (written after it); checked, not hashed", markup=False, soft_wrap=True)
+                con.print(f"    {_visible(str(u))}: not covered by manifest.json (written after it); checked, not hashed", markup=False, soft_wrap=True)
         bad = sum(1 for r in reports if not r.ok)
         con.print(f"{len(reports)} steps, {len(reports) - bad} ok, {bad} not ok" + (" (incomplete tolerated)" if complete_only else ""))
     if not ok:
@@ -896,8 +927,9 @@ def diff_cmd(
     if as_json:
         _print_json(d)
     else:
+        raw, d = d, _safe_tree(d)
         con = _console()
-        con.print(f"A: {d['a']} ({d['a_kind']})\nB: {d['b']} ({d['b_kind']})" + ("\n(model tensors only)" if d["model_only"] else ""), markup=False)
+        con.print(f"A: {d['a']} ({d['a_kind']})\nB: {d['b']} ({d['b_kind']})" + ("\n(model tensors only)" if d["model_only"] else ""))
         for key, title in (("added", "only in B (added)"), ("removed", "only in A (removed)")):
             if d[key]:
                 t = Table(title=title, title_justify="left")
@@ -915,7 +947,7 @@ def diff_cmd(
             con.print(t)
         for key, title in (("non_tensors_added", "non-tensor entries only in B"), ("non_tensors_removed", "non-tensor entries only in A")):
             if d[key]:
-                con.print(f"{title}: " + ", ".join(d[key]), markup=False)
+                con.print(f"{title}: " + ", ".join(d[key]))
         if values:
             differ = result.values_differ
             if differ:
@@ -923,12 +955,12 @@ def diff_cmd(
                 t.add_column("name", overflow="fold")
                 t.add_column("max abs diff", justify="right")
                 for v in differ:
-                    t.add_row(v.name, f"{v.max_abs_diff:.6g}")
+                    t.add_row(_esc(v.name), f"{v.max_abs_diff:.6g}")
                 con.print(t)
             con.print(f"values: {len(result.values or []) - len(differ)} of {len(result.values or [])} tensors equal" + (f" (atol {atol:g})" if atol else " (bitwise)"))
-            for v in d["non_tensor_values"] or []:
+            for v in raw["non_tensor_values"] or []:
                 if not v["equal"]:
-                    con.print(f"non-tensor {v['name']}: {v['a']} != {v['b']}", markup=False, soft_wrap=True)
+                    con.print(f"non-tensor {_esc(v['name'])}: {_esc(v['a'])} != {_esc(v['b'])}", soft_wrap=True)
         summary = (
             f"{len(d['added'])} added, {len(d['removed'])} removed, {len(d['changed'])} changed, {d['same_layout']} same layout"
         )

@@ -9,6 +9,7 @@ problem it can find and exits 1.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
@@ -190,3 +191,25 @@ def test_verify_never_reads_a_manifest_entry_outside_the_step(tmp_path, good):
     r = runner.invoke(app, ["verify", str(step), "--json"])
     problems = json.loads(r.stdout)["steps"][0]["problems"]
     assert r.exit_code == 1 and len(problems) == 2 and all("not read" in p for p in problems), problems
+
+
+def test_names_and_paths_are_shown_literally(tmp_path):
+    """Rich markup and control characters in tensor names and paths reach the terminal as written
+    (escaped), never styled and never as raw escape sequences; JSON keeps them exact."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    evil = "app.[bold red]EVIL[/bold red]"
+    ansi = "app.\x1b[31mred\x1b[0m"
+    run = tmp_path / "run[bold]x[/bold]"
+    trainer = run / "checkpoints" / "step_1" / "trainer"
+    dcp.save({evil: torch.ones(2), ansi: torch.zeros(3)}, checkpoint_id=str(trainer), no_dist=True)
+    r = runner.invoke(app, ["inspect", str(trainer)])
+    assert r.exit_code == 0, r.output
+    assert evil in r.stdout and "app.\\x1b[31mred\\x1b[0m" in r.stdout and "\x1b" not in r.stdout
+    r = runner.invoke(app, ["inspect", str(trainer), "--json"])
+    assert {t["name"] for t in json.loads(r.stdout)["trainer"]["tensors"]} == {evil, ansi}
+    r = runner.invoke(app, ["list", str(run)])
+    assert r.exit_code == 0 and str(run) in r.stdout.replace("\n", ""), r.output
+    r = runner.invoke(app, ["verify", str(tmp_path / "nope\x1b[2J")])
+    assert r.exit_code == 2 and "\x1b" not in r.stderr and "nope\\x1b[2J" in r.stderr
