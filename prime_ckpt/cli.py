@@ -28,6 +28,7 @@ local paths only.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
 from collections.abc import Iterator
@@ -249,6 +250,18 @@ def _console() -> Console:
     return Console(soft_wrap=False, highlight=False, width=max(Console().width, 120))
 
 
+def _quietly(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` with the library's log warnings held back: the command reports each outcome
+    itself, once."""
+    lib = logging.getLogger("prime_ckpt")
+    level = lib.level
+    lib.setLevel(logging.ERROR)
+    try:
+        return fn(*args)
+    finally:
+        lib.setLevel(level)
+
+
 def _print_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2))
 
@@ -268,6 +281,13 @@ def _flag(ok: bool) -> str:
 
 
 # -- inspect rendering ------------------------------------------------------------------------
+def _render_ignored(d: dict[str, Any], con: Console) -> None:
+    """One line per entry of checkpoints/ or weights/ that is not a step, with the reason."""
+    reasons = d.get("ignored_reasons") or {}
+    if d["ignored"]:
+        con.print("not steps (never touched): " + "; ".join(f"{n} ({reasons.get(n, 'not ours')})" for n in d["ignored"]))
+
+
 def _render_listing(d: dict[str, Any], con: Console) -> None:
     con.print(f"[bold]{d['path']}[/] ({d['kind']})")
     if d["checkpoints"] is not None:
@@ -289,8 +309,7 @@ def _render_listing(d: dict[str, Any], con: Console) -> None:
         for w in d["weights"]:
             t.add_row(str(w["step"]), _flag(w["complete"]), w["path"])
         con.print(t)
-    if d["ignored"]:
-        con.print("not ours (ignored): " + ", ".join(d["ignored"]))
+    _render_ignored(d, con)
 
 
 def _tensor_table(tensors: list[dict[str, Any]], title: str, with_chunks: bool) -> Table:
@@ -389,7 +408,8 @@ def inspect_cmd(
       checkpoints: [{step, path, complete, parts: {trainer: bool, orchestrator: bool},
                      present: [part]}] | null (null for kind "weights")
       weights: [{step, path, complete}] | null (null for kind "checkpoints")
-      latest_complete_step: int | null;  ignored: ["checkpoints/<name>" not ours]
+      latest_complete_step: int | null;  ignored: ["checkpoints/<name>" not ours];
+      ignored_reasons: {"checkpoints/<name>": why it is not a step}
     kind "checkpoint_step":
       step, complete (every part complete), parts, present,
       save_info: save_info.json object | null,
@@ -530,6 +550,22 @@ def plan_cmd(
     _render_plan(p, sizes, _console(), f"retention plan for {_esc(output_dir)} (dry run)")
 
 
+def _clean_leftovers(output_dir: str) -> None:
+    """After ``prune``: a delete renames the step to a hidden ``.step_N.deleting.*`` name first;
+    remove what interrupted or failed deletes left (as the trainer does on start-up) and name
+    what stays."""
+    from prime_ckpt.inspection import ignored_reasons
+    from prime_ckpt.layout import CHECKPOINTS_DIR, WEIGHTS_DIR
+    from prime_ckpt.storage import clean_leftovers, to_path
+
+    root = to_path(_target(output_dir))
+    for d in (root / CHECKPOINTS_DIR, root / WEIGHTS_DIR):
+        _quietly(clean_leftovers, d)
+        for name, why in ignored_reasons(d).items():
+            if why.startswith("leftover of an interrupted delete"):
+                typer.echo(_redact(f"warning: {root}/{name}: {why} could not be removed; delete it by hand"), err=True)
+
+
 @app.command("prune")
 def prune_cmd(
     output_dir: _RunDir,
@@ -544,8 +580,9 @@ def prune_cmd(
     """Apply the retention plan that `plan` shows (asks for confirmation unless --yes).
 
     Do not run it on a directory a live run is writing with another policy. Deleting a path
-    that is already gone is not an error; a path that cannot be deleted is reported and the
-    rest carries on (exit 1).
+    that is already gone is not an error; a path that cannot be deleted is reported once and the
+    rest carries on (exit 1). Leftovers of interrupted deletes (.step_N.deleting.*) are removed
+    afterwards; any that cannot be are named. Without --keep nothing is deleted.
     """
     from prime_ckpt.retention import apply_plan
 
@@ -555,14 +592,16 @@ def prune_cmd(
     _render_plan(p, sizes, con, f"retention plan for {_esc(output_dir)}")
     if not p.deletes:
         con.print("nothing to delete")
+        _clean_leftovers(output_dir)
         return
     if not yes and not typer.confirm(f"delete {len(p.deletes)} step directories?", default=False):
         typer.echo("aborted; nothing deleted", err=True)
         raise typer.Exit(1)
-    result = apply_plan(p)
+    result = _quietly(apply_plan, p)  # errors are reported below, once each
     con.print(f"deleted {len(result.deleted)}, already gone {len(result.already_gone)}, failed {len(result.failed)}")
     for path, err in result.failed:
         typer.echo(_redact(f"error: {path}: {err}"), err=True)
+    _clean_leftovers(output_dir)
     if result.failed:
         raise typer.Exit(1)
 
@@ -618,7 +657,8 @@ def list_cmd(
                       retention: {action: "keep"|"delete", reasons: [str]} | null,
                       problems: [str]}],
        weights: [{step, path, complete, bytes, manifest, retention, foreign, problem}],
-       ignored: ["checkpoints/<name>" not ours]}
+       ignored: ["checkpoints/<name>" not ours],
+       ignored_reasons: {"checkpoints/<name>": "leftover of an interrupted delete" | "a symlink (never followed)" | ...}}
     Exit codes: 0 listed (also when there are no steps); 2 bad path or option.
     """
     from prime_ckpt.inspection import list_run
@@ -664,8 +704,7 @@ def list_cmd(
         con.print(f"live run: {run.get('run_id')} (started from {'checkpoint step ' + str(run['start_step']) if run.get('start_step') is not None else 'scratch'})")
     if table["superseded"]:
         con.print("set aside by a later run (never deleted): " + ", ".join(table["superseded"]))
-    if table["ignored"]:
-        con.print("not ours (ignored): " + ", ".join(table["ignored"]))
+    _render_ignored(table, con)
     for r in raw["checkpoints"]:
         for problem in r["problems"]:
             typer.echo(f"warning: {_redact(problem)}", err=True)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import posixpath
 import re
 from dataclasses import asdict, dataclass, field
@@ -171,6 +172,8 @@ class RunListing:
     weights: list[WeightsSummary] | None
     latest_complete_step: int | None
     ignored: list[str] = field(default_factory=list)
+    #: why each ignored entry is not a step (leftover, symlink, file, other name)
+    ignored_reasons: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
 
@@ -482,14 +485,42 @@ def _safetensors_tensors(
 
 
 # -- listings -------------------------------------------------------------------------------
-def _ignored(root: AnyPath) -> list[str]:
-    """``<root name>/<entry>`` for every entry of ``root`` that is not a ``step_<int>`` directory."""
+def ignored_reasons(root: AnyPath) -> dict[str, str]:
+    """``{"<root name>/<entry>": why it is not a step}`` for every entry of ``root``
+    (``checkpoints/`` or ``weights/``) that is not a ``step_<int>`` directory: a crash leftover of
+    this project (``.step_N.deleting.*``: a delete that did not finish; ``.<name>.tmp.*``), a
+    symlink (never followed: what it points at is not this run's), a file, or another name."""
+    from prime_ckpt.storage import is_leftover
+
+    def why(name: str, is_dir: bool, is_link: bool) -> str | None:
+        if is_leftover(name):
+            return "leftover of an interrupted delete" if ".deleting." in name else "leftover of an interrupted write"
+        if is_link:
+            return "a symlink (never followed)"
+        if parse_step(name) is None:
+            return "not a step_<N> name"
+        if not is_dir:
+            return "a file, not a step directory"
+        return None
+
+    out: dict[str, str] = {}
     if is_remote(root):
-        entries = _remote_entries(root)
-        return sorted(f"{root.name}/{n}" for n, size in entries.items() if parse_step(n) is None or size is not None)
+        for n, size in _remote_entries(root).items():
+            if (reason := why(n, size is None, False)) is not None:
+                out[f"{root.name}/{n}"] = reason
+        return dict(sorted(out.items()))
     if not root.is_dir():
-        return []
-    return sorted(f"{root.name}/{e.name}" for e in root.iterdir() if parse_step(e.name) is None or not e.is_dir())
+        return {}
+    for e in os.scandir(root):
+        if (reason := why(e.name, e.is_dir(follow_symlinks=False), e.is_symlink())) is not None:
+            out[f"{root.name}/{e.name}"] = reason
+    return dict(sorted(out.items()))
+
+
+def _ignored(root: AnyPath) -> list[str]:
+    """``<root name>/<entry>`` for every entry of ``root`` that is not a ``step_<int>`` directory
+    (see :func:`ignored_reasons` for why each one is)."""
+    return list(ignored_reasons(root))
 
 
 def _run_parts(output_dir: AnyPath) -> tuple[str, ...]:
@@ -516,6 +547,8 @@ def _listing(kind: str, path: AnyPath, output_dir: AnyPath, checkpoints: bool, w
         weights=wsteps,
         latest_complete_step=max(complete) if complete else None,
         ignored=ignored,
+        ignored_reasons={**(ignored_reasons(output_dir / CHECKPOINTS_DIR) if checkpoints else {}),
+                         **(ignored_reasons(output_dir / WEIGHTS_DIR) if weights else {})},
     )
 
 
@@ -624,6 +657,8 @@ class RunTable:
     checkpoints: list[ListedCheckpoint]
     weights: list[ListedWeights]
     ignored: list[str]
+    #: why each ignored entry is not a step (leftover, symlink, file, other name)
+    ignored_reasons: dict[str, str] = field(default_factory=dict)
     #: the newest step a resume (-1) would load, or None
     latest_resumable_step: int | None = None
     #: the live run's record (run.json: run_id, start_step, what it set aside), or None
@@ -733,4 +768,5 @@ def list_run(output_dir: AnyPath | str, policy: Any = None, current_step: int | 
         checkpoints=rows,
         weights=weights,
         ignored=_ignored(root / CHECKPOINTS_DIR) + _ignored(root / WEIGHTS_DIR),
+        ignored_reasons={**ignored_reasons(root / CHECKPOINTS_DIR), **ignored_reasons(root / WEIGHTS_DIR)},
     )

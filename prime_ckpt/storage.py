@@ -400,6 +400,8 @@ def clean_leftovers(directory: AnyPath | str, *, min_age_s: float = 300.0) -> li
                     removed.append(entry)
                 except FileNotFoundError:
                     pass
+                except OSError as e:  # e.g. permission denied: left in place, listed by `list`
+                    logger.warning("could not remove the leftover %s: %s", entry, e)
     return removed
 
 

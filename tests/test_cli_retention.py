@@ -1,6 +1,7 @@
 """`prime-ckpt plan` / `prime-ckpt prune` through typer's runner on a run directory on disk."""
 
 import json
+import os
 
 from typer.testing import CliRunner
 
@@ -129,3 +130,43 @@ def test_async_level_below_the_recorded_one_warns(tmp_path):
     assert "warning: --async-level 0 is below the async level 2 this run recorded" in r.stderr
     got = {(e["kind"], e["step"]): e["action"] for e in json.loads(r.stdout)["entries"]}
     assert got[("weights", 8)] == got[("weights", 9)] == "delete"  # as asked, but warned
+
+
+def test_a_failed_delete_is_reported_once_and_its_leftover_named_then_cleaned(tmp_path, monkeypatch):
+    import shutil
+
+    import prime_ckpt.storage as storage
+
+    make_run(tmp_path, [5, 10], [])
+    real = shutil.rmtree
+
+    def failing(path, *a, **k):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(storage.shutil, "rmtree", failing)
+    r = runner.invoke(app, ["prune", str(tmp_path), "--keep", "1", "--yes"])
+    assert r.exit_code == 1, r.output
+    assert r.stderr.count("Permission denied") == 1 and r.stderr.count("error: ") == 1, r.stderr
+    [leftover] = [n for n in os.listdir(tmp_path / "checkpoints") if n.startswith(".step_5.deleting.")]
+    assert f"checkpoints/{leftover}: leftover of an interrupted delete could not be removed" in r.stderr
+    r = runner.invoke(app, ["list", str(tmp_path)])
+    assert f"checkpoints/{leftover} (leftover of an interrupted delete)" in r.stdout.replace("\n", "")
+    assert json.loads(runner.invoke(app, ["list", str(tmp_path), "--json"]).stdout)["ignored_reasons"] == {
+        f"checkpoints/{leftover}": "leftover of an interrupted delete"}
+    monkeypatch.setattr(storage.shutil, "rmtree", real)
+    r = runner.invoke(app, ["prune", str(tmp_path), "--keep", "1", "--yes"])
+    assert r.exit_code == 0 and sorted(os.listdir(tmp_path / "checkpoints")) == ["step_10"], r.output
+
+
+def test_a_symlinked_step_dir_is_listed_as_ignored_and_never_followed(tmp_path):
+    make_run(tmp_path, [5, 10], [])
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    make_run(elsewhere, [7], [])
+    (tmp_path / "checkpoints" / "step_7").symlink_to(elsewhere / "checkpoints" / "step_7")
+    d = json.loads(runner.invoke(app, ["list", str(tmp_path), "--json"]).stdout)
+    assert [c["step"] for c in d["checkpoints"]] == [5, 10]
+    assert d["ignored_reasons"] == {"checkpoints/step_7": "a symlink (never followed)"}
+    r = runner.invoke(app, ["prune", str(tmp_path), "--keep", "1", "--yes"])
+    assert r.exit_code == 0
+    assert (elsewhere / "checkpoints" / "step_7" / "trainer" / ".metadata").is_file()
+    assert (tmp_path / "checkpoints" / "step_7").is_symlink()
