@@ -866,6 +866,7 @@ def convert_cmd(
     from_: Annotated[_From, typer.Option("--from", help="Input format: auto (DCP or weights dir) or torch-save (a torch.save file).")] = _From.auto,
     dtype: Annotated[_DType | None, typer.Option("--dtype", help="safetensors only: cast floating-point tensors to this dtype.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists (a directory only if it is a DCP dir; never a part of a checkpoint).")] = False,
+    key: Annotated[str | None, typer.Option("--key", metavar="PREFIX", help="safetensors from DCP: the prefix of the model's tensors (e.g. app.model, model; '' = the root). Default: detected.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print what was written as JSON.")] = False,
 ) -> None:
     """Convert a checkpoint: DCP -> torch.save file or model.safetensors; torch.save -> DCP.
@@ -874,7 +875,12 @@ def convert_cmd(
     --to torch-save   DCP -> one torch.save file of the nested state dict {"app": {...}}
                       (model, optimizer, scheduler, progress, rank state; all in memory).
     --to safetensors  DCP or weights dir -> HF-style model.safetensors with the model tensors
-                      only (names without "app.model."), optionally --dtype bf16|fp16|fp32.
+                      only, named without their prefix, optionally --dtype bf16|fp16|fp32. The
+                      model's prefix is detected: app.model. (prime-ckpt), model. ({"model": ...},
+                      accelerate), else the root minus optimizer/lr_scheduler/dataloader/
+                      train_state (torchtitan, a plain dcp.save of a model); --key PREFIX chooses.
+                      OUT is the file, or a directory receiving model.safetensors when it exists,
+                      ends in "/" or has no suffix. Files are written 0644.
     --from torch-save PATH.pt OUT   torch.save file (e.g. the seed's single-file trainer.pt),
                       loaded with weights_only=True -> DCP dir; a dict without a top-level
                       "app" key is stored under "app" (keys app.model.* like the trainer's).
@@ -905,11 +911,13 @@ def convert_cmd(
         elif to is _To.dcp:
             raise ConvertError(f"{src}: --to dcp needs --from torch-save (the input is already DCP or safetensors)")
         elif to is _To.torch_save:
+            if key is not None:
+                raise ConvertError(f"{src}: --key applies to --to safetensors only")
             if dtype is not None:
                 raise ConvertError(f"{src}: --dtype applies to --to safetensors only")
             result = dcp_to_torch_save(src, out, force=force)
         else:
-            result = to_safetensors(src, out, dtype=dtype.value if dtype else None, force=force)
+            result = to_safetensors(src, out, dtype=dtype.value if dtype else None, force=force, key=key)
     if as_json:
         _print_json({"schema": "prime-ckpt.convert/1", **asdict(result)})
         return

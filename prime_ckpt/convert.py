@@ -53,6 +53,7 @@ from prime_ckpt.layout import (
     CHECKPOINTS_DIR,
     DCP_METADATA_FILE,
     MANIFEST_FILE,
+    MODEL_FILE,
     ORCHESTRATOR_FILE,
     TRAINER_PART,
     WEIGHTS_DIR,
@@ -196,23 +197,69 @@ def dcp_dir_of(path: Path | str) -> Path | None:
     return None
 
 
-def open_dcp(trainer_dir: Path, *, model_only: bool = False) -> TensorSource:
-    """A DCP directory as a :class:`TensorSource` (reads ``.metadata`` only)."""
+#: Top-level keys that hold training state other than the model, in the checkpoints of this
+#: project (``app.*``), torchtitan (``optimizer``, ``lr_scheduler``, ``dataloader``,
+#: ``train_state``: its model tensors are flattened to the root) and common hand-written loops.
+NON_MODEL_ROOTS = frozenset({
+    "app", "optimizer", "optimizers", "optim", "lr_scheduler", "lr_schedulers", "scheduler", "dataloader",
+    "train_state", "rng", "rng_state", "progress", "step", "extra_state",
+})
+
+
+def model_prefix(keys: Iterable[str], key: str | None = None, *, where: Path | str = "") -> str:
+    """The prefix under which a DCP checkpoint's model tensors live (pure).
+
+    ``key`` given: that prefix (``"model"`` -> ``"model."``; ``""`` = the root). Else the first
+    that holds tensors of: ``app.model.`` (this project), ``model.`` (``{"model": ...}`` state
+    dicts, accelerate), the root minus :data:`NON_MODEL_ROOTS` (torchtitan, a plain ``dcp.save``
+    of a model's state dict).
+
+    Raises:
+        ConvertError: nothing matches; names the top-level keys found and ``--key``.
+    """
+    keys = list(keys)
+    if key is not None:
+        prefix = key.strip(".") + "." if key.strip(".") else ""
+        if not any(k.startswith(prefix) for k in keys):
+            raise ConvertError(f"{where}: no tensors under --key {key!r} (top-level keys: {_roots(keys)})")
+        return prefix
+    for prefix in (MODEL_PREFIX, "model."):
+        if any(k.startswith(prefix) for k in keys):
+            return prefix
+    if any(k.split(".", 1)[0] not in NON_MODEL_ROOTS for k in keys):
+        return ""
+    raise ConvertError(f"{where}: no model tensors found (top-level keys: {_roots(keys)}); choose them with --key PREFIX")
+
+
+def _roots(keys: list[str]) -> str:
+    roots = sorted({k.split(".", 1)[0] for k in keys})
+    return ", ".join(roots[:8]) + (f" (+{len(roots) - 8} more)" if len(roots) > 8 else "") if roots else "none"
+
+
+def open_dcp(trainer_dir: Path, *, model_only: bool = False, key: str | None = None) -> TensorSource:
+    """A DCP directory as a :class:`TensorSource` (reads ``.metadata`` only).
+
+    With ``model_only`` the tensors are those under the model's prefix (:func:`model_prefix`,
+    ``key`` to choose it), named without it; at the root, other training state
+    (:data:`NON_MODEL_ROOTS`) is left out.
+    """
     if not (trainer_dir / DCP_METADATA_FILE).is_file():
         raise ConvertError(f"{trainer_dir}: {DCP_METADATA_FILE} missing (save did not finish?)")
     md = read_dcp_metadata(trainer_dir)
-    prefix = MODEL_PREFIX if model_only else ""
+    tensor_keys = [k for k, e in md.state_dict_metadata.items() if isinstance(e, TensorStorageMetadata)]
+    prefix = model_prefix(tensor_keys, key, where=trainer_dir) if model_only else ""
+    at_root = model_only and prefix == "" and key is None
     tensors: dict[str, TensorInfo] = {}
     non_tensors: list[str] = []
     for fqn, entry in md.state_dict_metadata.items():
-        if not fqn.startswith(prefix):
+        if not fqn.startswith(prefix) or (at_root and fqn.split(".", 1)[0] in NON_MODEL_ROOTS):
             continue
         if isinstance(entry, TensorStorageMetadata):
             tensors[fqn[len(prefix) :]] = TensorInfo(tuple(int(s) for s in entry.size), entry.properties.dtype)
         else:
             non_tensors.append(fqn[len(prefix) :])
     if model_only and not tensors:
-        raise ConvertError(f"{trainer_dir}: no model tensors ({MODEL_PREFIX}*) in the checkpoint")
+        raise ConvertError(f"{trainer_dir}: no model tensors ({prefix or 'root'}*) in the checkpoint")
     return TensorSource("dcp", trainer_dir, tensors, non_tensors, prefix, md)
 
 
@@ -241,7 +288,7 @@ def open_safetensors(file: Path) -> TensorSource:
     return TensorSource("weights", file, dict(sorted(tensors.items())))
 
 
-def open_source(path: Path | str, *, model_only: bool = False) -> TensorSource:
+def open_source(path: Path | str, *, model_only: bool = False, key: str | None = None) -> TensorSource:
     """Open a checkpoint for reading tensors: a DCP dir / checkpoint step dir, a weights step
     dir or a ``.safetensors`` file.
 
@@ -271,7 +318,7 @@ def open_source(path: Path | str, *, model_only: bool = False) -> TensorSource:
         return TensorSource("weights", path, dict(sorted(tensors.items())), files=files)
     trainer_dir = dcp_dir_of(path)
     if trainer_dir is not None:
-        return open_dcp(trainer_dir, model_only=model_only)
+        return open_dcp(trainer_dir, model_only=model_only, key=key)
     if path.is_dir() and (path / "orchestrator.pt").is_file():
         raise ConvertError(f"{path}: no {TRAINER_PART}/ directory, not a trainer checkpoint")
     kind = "a directory" if path.is_dir() else "a file"
@@ -346,6 +393,18 @@ def checkpoint_containing(out: Path | str) -> tuple[Path, str] | None:
     return None
 
 
+def refuse_inside_checkpoint(out: Path) -> None:
+    """Raise :class:`ConvertError` (one line) if ``out`` is, or lies inside, a checkpoint or
+    weights step (:func:`checkpoint_containing`) or cannot be resolved."""
+    try:
+        inside = checkpoint_containing(out)
+    except (OSError, RuntimeError) as e:  # a symlink loop on the way to out
+        raise ConvertError(f"{out}: cannot resolve the output path ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    if inside is not None:
+        where, kind = inside
+        raise ConvertError(f"{out}: inside the {kind} {where}; convert never writes into a checkpoint, even with --force (choose an OUT outside it)")
+
+
 def check_output(out: Path | str, source: Path | str, *, force: bool, directory: bool) -> Path:
     """Refuse an output that exists (without ``force``), lies inside the input, lies inside any
     checkpoint (:func:`checkpoint_containing`; even with ``force``), or (with ``force``) is
@@ -365,13 +424,7 @@ def check_output(out: Path | str, source: Path | str, *, force: bool, directory:
         src_root = source.parent  # never write into the checkpoint step the input belongs to
     if _is_within(out, src_root) or _is_within(source, out):
         raise ConvertError(f"{out}: output overlaps the input {source} (the input is never modified)")
-    try:
-        inside = checkpoint_containing(out)
-    except (OSError, RuntimeError) as e:  # a symlink loop on the way to out
-        raise ConvertError(f"{out}: cannot resolve the output path ({type(e).__name__}: {' '.join(str(e).split())})") from None
-    if inside is not None:
-        where, kind = inside
-        raise ConvertError(f"{out}: inside the {kind} {where}; convert never writes into a checkpoint, even with --force (choose an OUT outside it)")
+    refuse_inside_checkpoint(out)
     if out.exists() or out.is_symlink():
         if not force:
             raise ConvertError(f"{out}: already exists (use --force to overwrite)")
@@ -431,22 +484,31 @@ def dcp_to_torch_save(source: Path | str, out: Path | str, *, force: bool = Fals
     sd: dict[str, Any] = {}
     _dcp_load(src.path, src._metadata, sd, _SafeEmptyPlanner())
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda f: torch.save(sd, f))
+    atomic_write(out, lambda f: (torch.save(sd, f), os.fchmod(f.fileno(), 0o644)))
     n, b = _tensor_stats(sd)
     return ConvertResult(str(source), "dcp", str(out), "torch-save", n, b)
 
 
-def to_safetensors(source: Path | str, out: Path | str, *, dtype: str | None = None, force: bool = False) -> ConvertResult:
-    """The model tensors of a DCP checkpoint or a weights dir -> ``model.safetensors`` at ``out``.
+def to_safetensors(source: Path | str, out: Path | str, *, dtype: str | None = None, force: bool = False,
+                   key: str | None = None) -> ConvertResult:
+    """The model tensors of a DCP checkpoint (this project's, torchtitan's, a plain ``dcp.save``:
+    :func:`model_prefix`) or a weights dir -> a safetensors file, mode 0644.
+
+    ``out`` names the file, or a directory (an existing directory, a path ending in ``/``, or a
+    name without a suffix) that receives ``model.safetensors``.
 
     Args:
         dtype: ``"bf16"``, ``"fp16"`` or ``"fp32"``: cast floating-point tensors (others are kept).
+        key: the prefix of the model's tensors in a DCP checkpoint (``--key``); None detects it.
     """
     from safetensors.torch import save_file
 
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
-    src = open_source(source, model_only=True)
+    src = open_source(source, model_only=True, key=key)
+    if str(out).endswith(("/", os.sep)) or Path(out).is_dir() or not Path(out).suffix:
+        refuse_inside_checkpoint(Path(out))
+        out = Path(out) / MODEL_FILE
     out = check_output(out, source, force=force, directory=False)
     target = DTYPES[dtype] if dtype else None
     tensors = {}
@@ -458,6 +520,7 @@ def to_safetensors(source: Path | str, out: Path | str, *, dtype: str | None = N
     tmp = tmp_path_for(out)
     try:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, 0o644)  # an output for others to read (mkstemp-style temp files are 0600)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out)

@@ -194,3 +194,62 @@ def test_output_inside_any_checkpoint_is_refused_even_with_force(tmp_path, tmp_p
     assert checkpoint_containing(standalone) is None
     torch_save_to_dcp(tmp_path / "x.pt", standalone, force=True)
     to_safetensors(src, run / "model.safetensors")
+
+
+# -- checkpoints other tools wrote (#16 item 1) -------------------------------------------------
+def _model_sd():
+    torch.manual_seed(7)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "layout, key",
+    [
+        ("model_key", None),  # {"model": sd, "optim": ...}: accelerate / hand-written loops
+        ("root", None),  # dcp.save(model.state_dict())
+        ("torchtitan", None),  # model flattened to the root beside optimizer/lr_scheduler/train_state
+        ("model_key", "model"),  # chosen explicitly
+    ],
+)
+def test_other_tools_checkpoints_export_to_safetensors_bitwise(tmp_path, layout, key):
+    import stat
+
+    import torch.distributed.checkpoint as dcp
+    from typer.testing import CliRunner
+
+    from prime_ckpt.cli import app
+
+    sd = _model_sd()
+    other = {"optimizer": {"state": {"0.weight": {"exp_avg": torch.ones(3, 4)}}}, "lr_scheduler": {"last_epoch": 3},
+             "train_state": {"step": 3}}
+    state = {"model": sd, "optim": {"lr": torch.tensor(0.1)}} if layout == "model_key" else (
+        dict(sd) if layout == "root" else {**sd, **other})
+    ckpt = tmp_path / "ckpt"
+    dcp.save(state, checkpoint_id=str(ckpt), no_dist=True)
+    out = tmp_path / "export"  # no suffix: a directory receiving model.safetensors
+    r = CliRunner().invoke(app, ["convert", str(ckpt), str(out), "--to", "safetensors", *(["--key", key] if key else [])])
+    assert r.exit_code == 0, r.output
+    got = load_file(out / "model.safetensors")
+    assert set(got) == set(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
+    assert stat.S_IMODE(os.stat(out / "model.safetensors").st_mode) == 0o644
+    r = CliRunner().invoke(app, ["diff", str(ckpt), str(out / "model.safetensors"), "--values"])
+    assert r.exit_code == 0 and "identical" in r.stdout, r.output
+
+
+def test_a_key_that_holds_nothing_is_one_line_and_torch_save_output_is_0644(tmp_path):
+    import stat
+
+    import torch.distributed.checkpoint as dcp
+    from typer.testing import CliRunner
+
+    from prime_ckpt.cli import app
+
+    ckpt = tmp_path / "ckpt"
+    dcp.save({"model": _model_sd()}, checkpoint_id=str(ckpt), no_dist=True)
+    r = CliRunner().invoke(app, ["convert", str(ckpt), str(tmp_path / "x.safetensors"), "--to", "safetensors", "--key", "encoder"])
+    assert r.exit_code == 2 and r.stderr.splitlines() == [
+        f"error: {ckpt}: no tensors under --key 'encoder' (top-level keys: model)"], r.output
+    r = CliRunner().invoke(app, ["convert", str(ckpt), str(tmp_path / "all.pt"), "--to", "torch-save"])
+    assert r.exit_code == 0, r.output
+    assert stat.S_IMODE(os.stat(tmp_path / "all.pt").st_mode) == 0o644
