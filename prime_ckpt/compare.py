@@ -172,10 +172,26 @@ def diff(a: Path | str, b: Path | str, *, values: bool = False, atol: float = 0.
 
 
 def _plain_equal(x: Any, y: Any) -> bool:
+    """Equality of two non-tensor values, by content: tensors bitwise, numpy arrays by dtype and
+    elements, ``io.BytesIO`` by their bytes, containers element by element."""
+    import io
+
+    import numpy as np
+
     try:
         if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
             return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and torch.equal(x, y)
-        return type(x) is type(y) and bool(x == y)
+        if type(x) is not type(y):
+            return False
+        if isinstance(x, np.ndarray):
+            return x.dtype == y.dtype and x.shape == y.shape and bool(np.array_equal(x, y))
+        if isinstance(x, io.BytesIO):
+            return x.getvalue() == y.getvalue()
+        if isinstance(x, (list, tuple)):
+            return len(x) == len(y) and all(_plain_equal(a, b) for a, b in zip(x, y))
+        if isinstance(x, dict):
+            return x.keys() == y.keys() and all(_plain_equal(x[k], y[k]) for k in x)
+        return bool(x == y)
     except Exception:  # noqa: BLE001 - exotic values: compare their reprs
         return repr(x) == repr(y)
 

@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.metadata import (
 from prime_ckpt.dcp_metadata import (
     SafeFileSystemReader,
     SafeLoadPlanner,
+    UnsafeMetadataError,
     read_dcp_metadata,
 )
 from prime_ckpt.layout import (
@@ -150,6 +151,8 @@ def _dcp_load(path: Path, metadata: Metadata | None, sd: dict[str, Any], planner
         exc = failures[0][0] if failures and isinstance(failures[0], tuple) else (failures[0] if failures else e)
         if isinstance(exc, OSError) and exc.filename:
             raise ConvertError(f"{exc.filename}: {exc.strerror or type(exc).__name__}") from None
+        if isinstance(exc, UnsafeMetadataError):
+            raise ConvertError(f"{path}: {exc}") from None
         detail = (str(exc).splitlines() or [""])[0]
         raise ConvertError(f"{path}: cannot load tensor data ({type(exc).__name__}: {detail}) - run `prime-ckpt verify`") from None
 

@@ -55,6 +55,7 @@ import functools
 import io
 import os
 import pickle
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -501,11 +502,49 @@ def read_dcp_metadata(trainer_dir: AnyPath | str, *, torch_free: bool | None = N
 
 
 # -- loading with torch -------------------------------------------------------------------------
+def _value_safe_globals() -> list[Any]:
+    """What non-tensor DCP values may hold beyond ``weights_only``'s defaults: ``io.BytesIO`` (a
+    documented DCP value type) and numpy arrays (array reconstruction, ``ndarray``, ``dtype`` and
+    the numeric dtype classes). None of them runs code on load; anything else stays refused."""
+    import numpy as np
+
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    numeric = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+               np.float16, np.float32, np.float64, np.complex64, np.complex128)
+    return [io.BytesIO, multiarray._reconstruct, np.ndarray, np.dtype, *{type(np.dtype(t)) for t in numeric}]
+
+
+_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def load_value(data: io.BytesIO, name: str) -> Any:
+    """One non-tensor DCP value (``torch.save`` bytes) with ``torch.load(weights_only=True)`` plus
+    :func:`_value_safe_globals`.
+
+    Raises:
+        UnsafeMetadataError: the value references anything else (one line naming the entry and
+            the refused type; nothing was executed).
+    """
+    import pickle
+
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(_value_safe_globals()):
+            return torch.load(data, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = _GLOBAL_RE.search(str(e))
+        what = f"a {found.group(1)}" if found else "a value the weights-only unpickler refuses"
+        raise UnsafeMetadataError(
+            f"entry {name!r} holds {what}: refused to load (tensors, plain values, numpy arrays and BytesIO are read); "
+            "nothing was executed"
+        ) from None
+
+
 @functools.cache
 def _torch_loaders() -> dict[str, type]:
     """Define the classes that subclass DCP's (on first use, so importing this module does not
     import torch)."""
-    import torch
     import torch.distributed.checkpoint as dcp
 
     class SafeFileSystemReader(dcp.FileSystemReader):
@@ -521,15 +560,17 @@ def _torch_loaders() -> dict[str, type]:
             return metadata
 
     class SafeLoadPlanner(dcp.DefaultLoadPlanner):
-        """DCP's ``DefaultLoadPlanner`` that reads non-tensor values with ``weights_only=True``.
+        """DCP's ``DefaultLoadPlanner`` that reads non-tensor values with :func:`load_value`.
 
         The default planner unpickles every non-tensor entry of a ``.distcp`` file with
         ``torch.load(weights_only=False)``; prime-ckpt only ever saves plain values there (ints,
-        floats, str, None, lists, dicts), which the ``weights_only`` unpickler admits.
+        floats, str, None, lists, dicts), which the ``weights_only`` unpickler admits; other tools
+        also save ``io.BytesIO`` values and numpy arrays (``np.random.get_state()``), admitted by
+        name.
         """
 
         def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-            loaded = torch.load(value, weights_only=True)
+            loaded = load_value(value, read_item.dest_index.fqn)
             if self.flatten_state_dict:
                 from torch.distributed.checkpoint._traverse import set_element
 

@@ -253,3 +253,42 @@ def test_a_key_that_holds_nothing_is_one_line_and_torch_save_output_is_0644(tmp_
     r = CliRunner().invoke(app, ["convert", str(ckpt), str(tmp_path / "all.pt"), "--to", "torch-save"])
     assert r.exit_code == 0, r.output
     assert stat.S_IMODE(os.stat(tmp_path / "all.pt").st_mode) == 0o644
+
+
+def test_bytesio_and_numpy_values_are_read_and_anything_else_is_named(tmp_path):
+    """io.BytesIO entries (a documented DCP value type) and numpy arrays (np.random.get_state())
+    convert and diff; a value of another type is refused with one line naming the entry and the
+    type, and nothing runs (#16 item 2)."""
+    import io
+
+    import numpy as np
+    import torch.distributed.checkpoint as dcp
+    from typer.testing import CliRunner
+
+    from prime_ckpt.cli import app
+
+    np.random.seed(3)
+    ckpt = tmp_path / "ckpt"
+    state = {"model": _model_sd(), "blob": io.BytesIO(b"\x00raw bytes"), "np_rng": np.random.get_state(),
+             "arr": np.arange(6, dtype=np.int16)}
+    dcp.save(state, checkpoint_id=str(ckpt), no_dist=True)
+    r = CliRunner().invoke(app, ["convert", str(ckpt), str(tmp_path / "all.pt"), "--to", "torch-save"])
+    assert r.exit_code == 0, r.output
+    back = torch.load(tmp_path / "all.pt", weights_only=False)
+    assert back["blob"].getvalue() == b"\x00raw bytes" and back["np_rng"][0] == "MT19937"
+    assert np.array_equal(back["np_rng"][1], state["np_rng"][1]) and np.array_equal(back["arr"], state["arr"])
+    r = CliRunner().invoke(app, ["diff", str(ckpt), str(ckpt), "--values"])
+    assert r.exit_code == 0 and "identical" in r.stdout, r.output
+
+    evil = tmp_path / "evil"
+    dcp.save({"model": _model_sd(), "obj": _Marker()}, checkpoint_id=str(evil), no_dist=True)
+    r = CliRunner().invoke(app, ["convert", str(evil), str(tmp_path / "evil.pt"), "--to", "torch-save"])
+    assert r.exit_code == 2 and r.stderr.splitlines() == [
+        f"error: {evil}: entry 'obj' holds a {_Marker.__module__}._Marker: refused to load (tensors, plain values, "
+        "numpy arrays and BytesIO are read); nothing was executed"], r.output
+    assert not (tmp_path / "evil.pt").exists()
+
+
+class _Marker:
+    def __reduce__(self):
+        return (_Marker, ())
