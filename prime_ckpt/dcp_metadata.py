@@ -320,6 +320,29 @@ def is_bytes_entry(entry: Any) -> bool:
 
 
 # -- resolving globals --------------------------------------------------------------------------
+class PathRecord(str):
+    """What a universal-pathlib path (``upath.*UPath``) in ``StorageMeta.checkpoint_id`` reads back
+    as: its text, nothing else (``dcp.save(..., checkpoint_id=UPath(...))`` records it there;
+    only the text is informative, and building a real UPath from a file could reach a file
+    system). Construction and state restore take any arguments and run nothing."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> PathRecord:
+        import posixpath
+
+        parts = [a for a in args if isinstance(a, str)]
+        return str.__new__(cls, posixpath.join(*parts) if parts else "")
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+def _foreign_path(module: str, name: str) -> type | None:
+    """:class:`PathRecord` for a universal-pathlib path class, else None."""
+    if module.split(".", 1)[0] == "upath" and name.isidentifier() and name.endswith("Path"):
+        return PathRecord
+    return None
+
+
 def _resolve_stdlib(module: str, name: str) -> Any:
     """An admitted ``pathlib`` / ``collections`` global (the same object in both modes)."""
     if module == "collections":
@@ -353,6 +376,8 @@ def _resolve_torch(module: str, name: str) -> Any | None:
     if module == "torch":
         obj = vars(torch).get(name)
         return obj if isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)) else None
+    if (path_cls := _foreign_path(module, name)) is not None:
+        return path_cls
     if _is_dcp_module(module):
         mod = sys.modules.get(module)
         obj = vars(mod).get(name) if mod is not None else None
@@ -378,6 +403,8 @@ def _resolve_standin(module: str, name: str) -> Any | None:
         return _STANDINS[(module, name)]
     if module == "torch":
         return DTYPES.get(name) or LAYOUTS.get(name) or MEMORY_FORMATS.get(name)
+    if (path_cls := _foreign_path(module, name)) is not None:
+        return path_cls
     if _is_dcp_module(module):
         obj = _DCP_STANDINS_BY_NAME.get(name)
         if obj is None:
