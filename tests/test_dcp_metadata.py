@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import os
 import json
+import os
 import pickle
 import subprocess
 import sys
