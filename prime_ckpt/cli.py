@@ -215,8 +215,10 @@ def user_errors(*extra: type[BaseException], target: Any = None) -> Iterator[Non
     try:
         yield
     except USER_ERRORS + extra + _backend_errors() as e:
-        if _state["debug"]:
-            raise
+        if _state["debug"]:  # the traceback, and the same exit code as without --debug
+            import traceback
+
+            traceback.print_exc()
         typer.echo(f"error: {_redact(_one_line(e, target))}", err=True)
         raise typer.Exit(EXIT_USER_ERROR) from None
 
@@ -232,7 +234,9 @@ def _target(arg: str) -> Any:
         exists = path.exists()
     except (TypeError, ValueError, AttributeError, KeyError) as e:  # options the file system does not take
         if _state["debug"]:
-            raise
+            import traceback
+
+            traceback.print_exc()
         _usage_error(f"{arg}: {_OPTIONS_FLAG} not accepted by the file system ({type(e).__name__}: {' '.join(str(e).split())})")
     if not exists:
         raise FileNotFoundError(f"{path}: {missing_reason(path)}")

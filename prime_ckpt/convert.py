@@ -61,7 +61,7 @@ from prime_ckpt.layout import (
     WEIGHTS_MARKER,
     parse_step,
 )
-from prime_ckpt.storage import atomic_write, fsync_dir, remove_tree, tmp_path_for
+from prime_ckpt.storage import atomic_write, fsync_dir, missing_reason, remove_tree, tmp_path_for
 
 #: Prefix of the model's tensors in a trainer checkpoint (``Checkpointer``'s ``app`` key).
 MODEL_PREFIX = "app.model."
@@ -301,7 +301,7 @@ def open_source(path: Path | str, *, model_only: bool = False, key: str | None =
     """
     path = Path(path)
     if not path.exists():
-        raise ConvertError(f"{path}: no such file or directory")
+        raise ConvertError(f"{path}: {missing_reason(path)}")
     shards = _safetensors_files(path)
     if shards is not None:
         if path.is_dir() and not (path / WEIGHTS_MARKER).is_file():
@@ -545,7 +545,7 @@ def torch_save_to_dcp(source: Path | str, out: Path | str, *, force: bool = Fals
 
     source = Path(source)
     if not source.exists():
-        raise ConvertError(f"{source}: no such file or directory")
+        raise ConvertError(f"{source}: {missing_reason(source)}")
     if not source.is_file():
         raise ConvertError(f"{source}: not a file (--from torch-save needs a torch.save file)")
     out = check_output(out, source, force=force, directory=True)

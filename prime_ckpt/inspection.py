@@ -58,7 +58,7 @@ from prime_ckpt.layout import (
     weights_files,
 )
 from prime_ckpt.orchestrator import ProgressRecordError, load_progress
-from prime_ckpt.storage import AnyPath, is_remote, refresh, remote_errors, to_path
+from prime_ckpt.storage import AnyPath, is_remote, missing_reason, refresh, remote_errors, to_path
 
 #: Version tag of the JSON that :func:`describe` results serialise to (``to_dict()``).
 SCHEMA = "prime-ckpt.inspect/1"
@@ -569,7 +569,7 @@ def describe(path: AnyPath | str, name_filter: str | None = None) -> Description
     """
     path = to_path(path)
     if not path.exists():
-        raise InspectError(f"{path}: no such file or directory")
+        raise InspectError(f"{path}: {missing_reason(path)}")
     if not path.is_dir():
         raise InspectError(f"{path}: not a directory ({_EXPECTED})")
     step = parse_step(path.name)
@@ -687,7 +687,7 @@ def list_run(output_dir: AnyPath | str, policy: Any = None, current_step: int | 
 
     path = to_path(output_dir)
     if not path.exists():
-        raise InspectError(f"{path}: no such file or directory")
+        raise InspectError(f"{path}: {missing_reason(path)}")
     if not path.is_dir():
         raise InspectError(f"{path}: not a directory (expected a run output dir)")
     root = path.parent if path.name in (CHECKPOINTS_DIR, WEIGHTS_DIR) else path

@@ -77,6 +77,7 @@ from prime_ckpt.storage import (
     is_leftover,
     is_remote,
     list_tree,
+    missing_reason,
     to_path,
 )
 
@@ -557,7 +558,7 @@ def verify_targets(path: AnyPath | str) -> list[AnyPath]:
     """
     path = to_path(path)
     if not path.exists():
-        raise VerifyTargetError(f"{path}: no such file or directory")
+        raise VerifyTargetError(f"{path}: {missing_reason(path)}")
     if not path.is_dir():
         raise VerifyTargetError(f"{path}: not a directory (expected a run output dir or a step_<N> dir)")
     if parse_step(path.name) is not None:

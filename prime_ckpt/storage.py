@@ -166,15 +166,27 @@ def remote_errors(path: AnyPath) -> Iterator[None]:
         raise OSError(f"{path}: {_one_line(e)}") from e
 
 
-def missing_reason(path: AnyPath) -> str:
+def missing_reason(path: AnyPath | str) -> str:
     """Why a path that does not exist is missing, for an error message: ``"no such bucket"``
     when ``path`` is on a bucket store (s3, gcs, azure) whose bucket does not exist (or is not
-    visible with these credentials), else ``"no such file or directory"``."""
-    if is_remote(path) and hasattr(path.fs, "split_path"):
-        bucket = path.path.split("/", 1)[0]
-        with remote_errors(path):
-            if bucket and not path.fs.exists(bucket):
-                return f"no such bucket {bucket!r} (or no access to it)"
+    visible with these credentials); locally ``"a symlink loop"`` (ELOOP) or ``"a dangling
+    symlink"`` when that is why; else ``"no such file or directory"``."""
+    if is_remote(path):
+        if hasattr(path.fs, "split_path"):
+            bucket = path.path.split("/", 1)[0]
+            with remote_errors(path):
+                if bucket and not path.fs.exists(bucket):
+                    return f"no such bucket {bucket!r} (or no access to it)"
+        return "no such file or directory"
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "too many levels of symbolic links (a symlink loop)"
+        if e.errno == errno.ENOTDIR:
+            return "not a directory on the way (a file where a directory is expected)"
+        if os.path.islink(path):
+            return f"a dangling symlink (to {os.readlink(path)})"
     return "no such file or directory"
 
 

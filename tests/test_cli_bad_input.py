@@ -138,7 +138,8 @@ def test_malicious_metadata_executes_nothing_in_convert_to_torch_save(tmp_path, 
 
 def test_debug_shows_traceback(tmp_path):
     r = runner.invoke(app, ["--debug", "verify", str(tmp_path / "nope")])
-    assert r.exit_code != 0 and r.exception is not None and str(tmp_path / "nope") in str(r.exception)
+    # the traceback, and the same exit code (2: bad input) as without --debug
+    assert r.exit_code == 2 and "Traceback (most recent call last)" in r.stderr and str(tmp_path / "nope") in r.stderr
 
 
 def test_convert_force_never_writes_into_a_checkpoint(tmp_path, good):
@@ -213,3 +214,17 @@ def test_names_and_paths_are_shown_literally(tmp_path):
     assert r.exit_code == 0 and str(run) in r.stdout.replace("\n", ""), r.output
     r = runner.invoke(app, ["verify", str(tmp_path / "nope\x1b[2J")])
     assert r.exit_code == 2 and "\x1b" not in r.stderr and "nope\\x1b[2J" in r.stderr
+
+
+def test_a_symlink_loop_and_a_dangling_symlink_are_named(tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "gone")
+    for cmd in ("inspect", "verify", "list"):
+        r = runner.invoke(app, [cmd, str(loop)])
+        assert r.exit_code == 2 and r.stderr.splitlines() == [f"error: {loop}: too many levels of symbolic links (a symlink loop)"], (cmd, r.output)
+        r = runner.invoke(app, [cmd, str(dangling)])
+        assert r.exit_code == 2 and r.stderr.splitlines() == [f"error: {dangling}: a dangling symlink (to {tmp_path / 'gone'})"], (cmd, r.output)
+    r = runner.invoke(app, ["convert", str(loop), str(tmp_path / "o.pt"), "--to", "torch-save"])
+    assert r.exit_code == 2 and "symlink loop" in r.stderr, r.output
