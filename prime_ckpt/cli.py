@@ -229,6 +229,15 @@ def _target(arg: str) -> Any:
     such file or directory``). Call inside :func:`user_errors`."""
     if not is_remote(arg):
         return arg
+    protocol = arg.split("://", 1)[0]
+    try:
+        import fsspec
+
+        fsspec.get_filesystem_class(protocol)
+    except ValueError:
+        _usage_error(f"{arg}: unknown URL protocol {protocol!r} (fsspec knows no file system of that name)")
+    except ImportError as e:
+        _usage_error(f"{arg}: the {protocol!r} file system needs a package that is not installed ({' '.join(str(e).split())})")
     try:
         path = to_path(arg, _state["options"])
         exists = path.exists()

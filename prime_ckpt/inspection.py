@@ -276,7 +276,7 @@ def _read_json(path: AnyPath, problems: list[str]) -> dict[str, Any] | None:
         return None
     try:
         value = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         problems.append(f"{path}: not readable JSON ({type(e).__name__})")
         return None
     if not isinstance(value, dict):

@@ -317,7 +317,7 @@ def weights_files(weights_step_dir: AnyPath | str) -> list[AnyPath]:
         try:
             weight_map = json.loads(index.read_bytes())["weight_map"]
             names = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise ValueError(f"{index}: not a safetensors index (no weight_map of tensor -> file)") from None
         bad = [n for n in names if not isinstance(n, str) or "/" in n or "\\" in n or n.startswith(".") or not n.endswith(".safetensors")]
         if bad:
@@ -509,7 +509,7 @@ def step_async_level(step_dir: AnyPath | str) -> int | None:
 
     try:
         info = json.loads((to_path(step_dir) / SAVE_INFO_FILE).read_bytes())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     level = info.get("async_level") if isinstance(info, dict) else None
     if isinstance(level, int) and not isinstance(level, bool) and level >= 0:

@@ -237,7 +237,7 @@ def read_manifest(step_dir: AnyPath | str) -> dict[str, Any] | None:
         return None
     try:
         data = json.loads(path.read_bytes())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deeply
         raise ManifestError(f"{path}: not a readable manifest ({type(e).__name__})") from None
     ok = (
         isinstance(data, dict)
@@ -462,7 +462,7 @@ def safetensors_header(path: AnyPath) -> tuple[dict[str, Any], int]:
     try:
         header = json.loads(text)
         end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
         raise ValueError(f"{path}: not a safetensors file (unreadable header)") from None
     return header, 8 + n + end
 

@@ -219,7 +219,7 @@ def read_consumer_ack(output_dir: AnyPath | str) -> int | None:
         data = json.loads(path.read_bytes())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         logging.getLogger(__name__).warning("%s: unreadable consumer acknowledgement (%s); ignored", path, type(e).__name__)
         return None
     step = data.get("step") if isinstance(data, dict) else None

@@ -117,7 +117,7 @@ class RunLease:
             return None
         try:
             record = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             return {}
         return record if isinstance(record, dict) else {}
 
@@ -360,7 +360,7 @@ def read_run_record(output_dir: AnyPath | str) -> dict[str, Any] | None:
     if absent or unreadable."""
     try:
         record = json.loads((to_path(output_dir) / RUN_FILE).read_bytes())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return record if isinstance(record, dict) else None
 

@@ -228,3 +228,9 @@ def test_a_symlink_loop_and_a_dangling_symlink_are_named(tmp_path):
         assert r.exit_code == 2 and r.stderr.splitlines() == [f"error: {dangling}: a dangling symlink (to {tmp_path / 'gone'})"], (cmd, r.output)
     r = runner.invoke(app, ["convert", str(loop), str(tmp_path / "o.pt"), "--to", "torch-save"])
     assert r.exit_code == 2 and "symlink loop" in r.stderr, r.output
+
+
+def test_an_unknown_url_protocol_is_named_not_blamed_on_the_options(tmp_path):
+    r = runner.invoke(app, ["inspect", "nosuchfs://bucket/run"])
+    assert r.exit_code == 2 and r.stderr.splitlines() == [
+        "error: nosuchfs://bucket/run: unknown URL protocol 'nosuchfs' (fsspec knows no file system of that name)"], r.output

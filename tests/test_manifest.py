@@ -265,3 +265,17 @@ def test_crash_leftovers_are_never_hashed_nor_reported(tmp_path, one):
         names = [f["path"] for f in read_manifest(d)["files"]]
         assert not any(".tmp." in n or ".deleting." in n for n in names), names
         assert verify_step(d).ok
+
+
+def test_a_deeply_nested_manifest_is_one_line_not_a_recursion_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from prime_ckpt.cli import app
+    from tests.marks import write_trainer_mark
+
+    step = tmp_path / "checkpoints" / "step_1"
+    write_trainer_mark(step / "trainer")
+    (step / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    r = CliRunner().invoke(app, ["verify", str(tmp_path)])
+    assert r.exit_code == 1 and "RecursionError" in r.stdout and "Traceback" not in r.output, r.output
+    assert f"{step / 'manifest.json'}: not a readable manifest (RecursionError)" in r.stdout.replace("\n", "")
