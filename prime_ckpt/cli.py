@@ -385,7 +385,8 @@ def _render_step(d: dict[str, Any], con: Console) -> None:
 
 
 def _render_weights(d: dict[str, Any], con: Console) -> None:
-    con.print(f"[bold]{d['path']}[/]  weights step {d['step']}  {_flag(d['complete'])}")
+    what = f"weights step {d['step']}" if d["step"] is not None else "safetensors file"
+    con.print(f"[bold]{d['path']}[/]  {what}  {_flag(d['complete'])}")
     con.print("files: " + ", ".join(f"{f['name']} ({_fmt_bytes(f['size'])})" for f in d["files"]))
     if d["config"] is not None:
         con.print("config: " + json.dumps(d["config"], sort_keys=True))
@@ -400,6 +401,7 @@ _RENDERERS = {
     "weights": _render_listing,
     "checkpoint_step": _render_step,
     "weights_step": _render_weights,
+    "safetensors_file": _render_weights,
     "trainer": lambda d, con: (con.print(f"[bold]{d['path']}[/]  step {d['step']}"), _render_trainer(d["trainer"], con)),
 }
 
@@ -437,7 +439,8 @@ def inspect_cmd(
       non_tensors: [{name, stored_bytes}],
       totals: {"<top-level key, e.g. app.model>": {tensors, bytes, sharded, non_tensors}},
       total_bytes}
-    kind "weights_step":
+    kind "weights_step" (and "safetensors_file": a bare .safetensors file, step null, complete =
+    its header reads and matches its size):
       step, complete (COMPLETE marker), files: [{name, size}], config: config.json | null,
       tensors: [{name, shape, dtype, bytes, chunks: 1, sharded: false}] | null, total_bytes, filter
 

@@ -450,6 +450,28 @@ def describe_weights_step(step_dir: AnyPath | str, name_filter: str | None = Non
     )
 
 
+def describe_safetensors_file(file: AnyPath | str, name_filter: str | None = None) -> WeightsStepInfo:
+    """A bare ``.safetensors`` file (any producer): its tensor table from the header, as for a
+    weights step (``kind`` ``"safetensors_file"``, ``step`` None, ``complete`` = the header reads
+    and the size matches it). Only the header is read."""
+    file = to_path(file)
+    problems: list[str] = []
+    size = file.stat().st_size
+    tensors = _safetensors_tensors(file, size, name_filter, problems)
+    return WeightsStepInfo(
+        kind="safetensors_file",
+        path=str(file),
+        step=None,
+        complete=not problems,
+        files=[{"name": file.name, "size": size}],
+        config=None,
+        tensors=tensors,
+        total_bytes=sum(t.bytes for t in tensors) if tensors is not None else None,
+        filter=name_filter,
+        problems=problems,
+    )
+
+
 def _safetensors_tensors(
     model: AnyPath, size: int | None, name_filter: str | None, problems: list[str]
 ) -> list[TensorEntry] | None:
@@ -571,6 +593,8 @@ def describe(path: AnyPath | str, name_filter: str | None = None) -> Description
     if not path.exists():
         raise InspectError(f"{path}: {missing_reason(path)}")
     if not path.is_dir():
+        if path.name.endswith(".safetensors"):
+            return describe_safetensors_file(path, name_filter)
         raise InspectError(f"{path}: not a directory ({_EXPECTED})")
     step = parse_step(path.name)
     parent = path.parent.name

@@ -234,3 +234,19 @@ def test_an_unknown_url_protocol_is_named_not_blamed_on_the_options(tmp_path):
     r = runner.invoke(app, ["inspect", "nosuchfs://bucket/run"])
     assert r.exit_code == 2 and r.stderr.splitlines() == [
         "error: nosuchfs://bucket/run: unknown URL protocol 'nosuchfs' (fsspec knows no file system of that name)"], r.output
+
+
+def test_inspect_reads_a_bare_safetensors_file(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    f = tmp_path / "adapter.safetensors"
+    save_file({"b": torch.zeros(2, 3), "a": torch.ones(4, dtype=torch.bfloat16)}, str(f))
+    d = json.loads(runner.invoke(app, ["inspect", str(f), "--json"]).stdout)
+    assert d["kind"] == "safetensors_file" and d["complete"] and d["problems"] == []
+    assert [(t["name"], t["shape"], t["dtype"]) for t in d["tensors"]] == [("a", [4], "bfloat16"), ("b", [2, 3], "float32")]
+    r = runner.invoke(app, ["inspect", str(f)])
+    assert r.exit_code == 0 and "safetensors file" in r.stdout
+    f.write_bytes(f.read_bytes()[:-4])  # truncated
+    r = runner.invoke(app, ["inspect", str(f), "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["complete"] is False and "truncated" in json.loads(r.stdout)["problems"][0]
