@@ -559,6 +559,13 @@ def torch_save_to_dcp(source: Path | str, out: Path | str, *, force: bool = Fals
     wrapped = "app" not in sd
     if wrapped:
         sd = {"app": sd}
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+
+    try:
+        flatten_state_dict(sd)  # DCP's own flattening: two paths to one key cannot be saved
+    except ValueError as e:
+        raise ConvertError(f"{source}: {' '.join(str(e).split())} (two entries, e.g. 'a.b' and 'a': {{'b': ...}}, "
+                           "flatten to the same DCP key); nothing was written") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path_for(out)
     remove_tree(tmp)

@@ -76,6 +76,12 @@ class OrchestratorProgress:
         if not isinstance(d, dict) or "step" not in d:
             raise ProgressRecordError("not a progress record (no 'step' field)")
         known = {k: v for k, v in d.items() if k in names}
+        for name in ("step", "total_tokens", "total_samples", "total_problems"):
+            value = known.get(name, 0)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ProgressRecordError(f"field {name!r} is {value!r} ({type(value).__name__}), not an int >= 0")
+        if not isinstance(known.get("extra", {}) or {}, dict):
+            raise ProgressRecordError(f"field 'extra' is a {type(known['extra']).__name__}, not a dict")
         extra = dict(known.pop("extra", {}) or {})
         extra.update({k: v for k, v in d.items() if k not in names})
         return cls(**known, extra=extra)

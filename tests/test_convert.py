@@ -292,3 +292,17 @@ def test_bytesio_and_numpy_values_are_read_and_anything_else_is_named(tmp_path):
 class _Marker:
     def __reduce__(self):
         return (_Marker, ())
+
+
+def test_duplicate_flattened_keys_are_one_line_and_nothing_is_written(tmp_path):
+    from typer.testing import CliRunner
+
+    from prime_ckpt.cli import app
+
+    src = tmp_path / "dup.pt"
+    torch.save({"a.b": torch.ones(1), "a": {"b": torch.zeros(1)}}, src)
+    r = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "out"), "--from", "torch-save"])
+    assert r.exit_code == 2 and r.stderr.splitlines() == [
+        f"error: {src}: duplicated flatten key app.a.b (two entries, e.g. 'a.b' and 'a': {{'b': ...}}, flatten to the "
+        "same DCP key); nothing was written"], r.output
+    assert sorted(os.listdir(tmp_path)) == ["dup.pt"]

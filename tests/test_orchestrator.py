@@ -163,3 +163,21 @@ def test_consumer_ack_takes_int_steps_only(tmp_path):
     assert read_consumer_ack(tmp_path) == 4
     (tmp_path / "consumer_ack.json").write_text("not json")
     assert read_consumer_ack(tmp_path) is None  # unreadable: pins nothing extra
+
+
+@pytest.mark.parametrize("bad", [{"step": "5"}, {"step": -1}, {"step": True}, {"step": 3, "total_tokens": 1.5},
+                                 {"step": 3, "extra": [1]}])
+def test_a_record_with_wrong_types_is_refused_by_field(tmp_path, bad):
+    import torch
+
+    from prime_ckpt.layout import scan_checkpoints
+    from prime_ckpt.orchestrator import ProgressRecordError, load_progress
+
+    path = tmp_path / "checkpoints" / "step_3" / "orchestrator.pt"
+    path.parent.mkdir(parents=True)
+    torch.save(bad, path)
+    field = next(k for k in ("step", "total_tokens", "extra") if k in bad and (k != "step" or len(bad) == 1))
+    with pytest.raises(ProgressRecordError, match=rf"orchestrator.pt: field '{field}' is "):
+        load_progress(path)
+    [c] = scan_checkpoints(tmp_path)
+    assert not c.parts["orchestrator"] and f"field '{field}'" in c.problems["orchestrator"]
