@@ -82,6 +82,7 @@ from prime_ckpt.storage import (
     clean_leftovers,
     dcp_reader,
     dcp_writer,
+    is_remote,
     one_line,
     remove_tree,
     set_aside,
@@ -352,11 +353,31 @@ def gc_paused():
             gc.enable()
 
 
+def _free_bytes(path: AnyPath) -> int | None:
+    """Free bytes on the local file system holding ``path`` (its nearest existing parent), or
+    None (remote, or unknown)."""
+    import os
+    import shutil
+
+    if is_remote(path):
+        return None
+    p = str(path)
+    while p and not os.path.exists(p):
+        p = os.path.dirname(p)
+    try:
+        return shutil.disk_usage(p or ".").free
+    except OSError:
+        return None
+
+
 def _save_error(step: int, path: AnyPath, exc: BaseException) -> CheckpointSaveError:
     from torch.distributed.checkpoint.api import CheckpointException
 
     def one_line(e: BaseException) -> str:
         text = " ".join(str(e).split())
+        if "PytorchStreamWriter failed writing" in text and (free := _free_bytes(path)) is not None and free < 1 << 20:
+            # torch's zip writer hides the errno (ENOSPC) behind its own text
+            return f"OSError: [Errno 28] No space left on device ({free} bytes free on the file system of {path})"
         return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
     if isinstance(exc, CheckpointException):

@@ -352,3 +352,18 @@ def test_kill_while_overwriting_a_step_loses_nothing(tmp_path, what):
             assert weight_of(place) in (v1, v2)
         if what == "publish":
             assert all(w.foreign is None for w in scan_weights(out))
+
+
+def test_a_full_disk_during_a_save_is_named_no_space_left(tmp_path, monkeypatch):
+    """torch's zip writer reports a full disk as 'PytorchStreamWriter failed writing ... file write
+    failed'; the save error says 'No space left on device' when the file system is full."""
+    import shutil
+
+    from prime_ckpt import trainer
+
+    err = RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: file write failed")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(100, 100, 0))
+    e = trainer._save_error(3, tmp_path / "checkpoints" / "step_3" / "trainer", err)
+    assert "rank 0: OSError: [Errno 28] No space left on device (0 bytes free on the file system of" in str(e)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 1 << 30, 9 << 30))
+    assert "PytorchStreamWriter failed writing" in str(trainer._save_error(3, tmp_path, err))  # not a full disk: as torch says
