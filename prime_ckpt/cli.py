@@ -341,12 +341,14 @@ def _tensor_table(tensors: list[dict[str, Any]], title: str, with_chunks: bool) 
     return t
 
 
-def _render_trainer(tr: dict[str, Any], con: Console) -> None:
+def _render_trainer(tr: dict[str, Any], con: Console, ok: bool | None = None) -> None:
+    """``ok``: the part's completeness as `list` and resume judge it (marks parse, data files hold
+    their bytes); default: ``.metadata`` read."""
     if not tr["complete"]:
         con.print(f"trainer: {_flag(False)} ({tr['path']}: no .metadata)")
         return
     files = ", ".join(f"{f['name']}" + ("" if f["exists"] else " [red](missing)[/]") for f in tr["storage_files"])
-    con.print(f"trainer: {_flag(True)}  world size at save: {tr['world_size']}  files: {files}")
+    con.print(f"trainer: {_flag(tr['complete'] if ok is None else ok)}  world size at save: {tr['world_size']}  files: {files}")
     con.print(_tensor_table(tr["tensors"], "tensors (from .metadata)", with_chunks=True))
     t = Table(title="totals per top-level key", title_justify="left")
     for col in ("key", "tensors", "sharded", "bytes", "non-tensor entries"):
@@ -381,7 +383,7 @@ def _render_step(d: dict[str, Any], con: Console) -> None:
             )
         )
     if d["trainer"] is not None:
-        _render_trainer(d["trainer"], con)
+        _render_trainer(d["trainer"], con, ok=d["parts"].get("trainer"))
 
 
 def _render_weights(d: dict[str, Any], con: Console) -> None:
@@ -402,7 +404,8 @@ _RENDERERS = {
     "checkpoint_step": _render_step,
     "weights_step": _render_weights,
     "safetensors_file": _render_weights,
-    "trainer": lambda d, con: (con.print(f"[bold]{d['path']}[/]  step {d['step']}"), _render_trainer(d["trainer"], con)),
+    "trainer": lambda d, con: (con.print(f"[bold]{d['path']}[/]  step {d['step']}"),
+                               _render_trainer(d["trainer"], con, ok=d["trainer"]["complete"] and not d["problems"])),
 }
 
 
@@ -881,7 +884,7 @@ def convert_cmd(
     to: Annotated[_To | None, typer.Option("--to", help="Output format (default: dcp with --from torch-save; required otherwise).")] = None,
     from_: Annotated[_From, typer.Option("--from", help="Input format: auto (DCP or weights dir) or torch-save (a torch.save file).")] = _From.auto,
     dtype: Annotated[_DType | None, typer.Option("--dtype", help="safetensors only: cast floating-point tensors to this dtype.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists (a directory only if it is a DCP dir; never a part of a checkpoint).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it is an existing file (never a non-empty directory, a DCP checkpoint or a part of one).")] = False,
     key: Annotated[str | None, typer.Option("--key", metavar="PREFIX", help="safetensors from DCP: the prefix of the model's tensors (e.g. app.model, model; '' = the root). Default: detected.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print what was written as JSON.")] = False,
 ) -> None:

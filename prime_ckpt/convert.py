@@ -432,8 +432,9 @@ def check_output(out: Path | str, source: Path | str, *, force: bool, directory:
         if not force:
             raise ConvertError(f"{out}: already exists (use --force to overwrite)")
         if directory:
-            if not out.is_dir() or (any(out.iterdir()) and not (out / DCP_METADATA_FILE).is_file()):
-                raise ConvertError(f"{out}: exists and is not a DCP directory; refusing to replace it even with --force")
+            if not out.is_dir() or any(out.iterdir()):
+                what = "a DCP checkpoint" if (out / DCP_METADATA_FILE).is_file() else "not an empty directory"
+                raise ConvertError(f"{out}: exists and is {what}; convert never replaces it, even with --force (remove it yourself or choose another OUT)")
         elif out.is_dir():
             raise ConvertError(f"{out}: is a directory; give a file name")
     return out

@@ -50,10 +50,12 @@ from prime_ckpt.layout import (
     WEIGHTS_DIR,
     WEIGHTS_MARKER,
     detect_parts,
+    orchestrator_part_complete,
     parse_step,
     scan_checkpoints,
     scan_weights,
     trainer_part_complete,
+    trainer_part_problem,
     weights_complete,
     weights_files,
 )
@@ -375,7 +377,8 @@ def describe_checkpoint_step(step_dir: AnyPath | str, name_filter: str | None = 
             f"({ORCHESTRATOR_FILE}: {'present' if has_orch else 'absent'})"
         )
     problems: list[str] = []
-    parts = {TRAINER_PART: trainer_part_complete(trainer_dir), "orchestrator": orch_path.is_file()}
+    # the same completeness as `list` and resume (marks that parse, data files that hold their bytes)
+    parts = {TRAINER_PART: trainer_part_complete(trainer_dir), "orchestrator": orchestrator_part_complete(orch_path)}
     present = [TRAINER_PART] + (["orchestrator"] if orch_path.exists() else [])
     orchestrator = None
     if orch_path.is_file():
@@ -387,6 +390,8 @@ def describe_checkpoint_step(step_dir: AnyPath | str, name_filter: str | None = 
     if not trainer.complete:
         problems.append(f"{trainer_dir}: {DCP_METADATA_FILE} missing (save did not finish?)")
     problems += _storage_problems(trainer)
+    if trainer.complete and not _storage_problems(trainer) and (why := trainer_part_problem(trainer_dir)) is not None:
+        problems.append(f"{trainer_dir}: {why}")  # e.g. a truncated data file
     return CheckpointStepInfo(
         kind="checkpoint_step",
         path=str(step_dir),
@@ -601,6 +606,8 @@ def describe(path: AnyPath | str, name_filter: str | None = None) -> Description
     if (path / DCP_METADATA_FILE).is_file() or (path.name == TRAINER_PART and parse_step(parent) is not None):
         trainer = describe_trainer_part(path, name_filter)
         problems = [] if trainer.complete else [f"{path}: {DCP_METADATA_FILE} missing (save did not finish?)"]
+        if trainer.complete and not _storage_problems(trainer) and (why := trainer_part_problem(path)) is not None:
+            problems.append(f"{path}: {why}")  # the same completeness as `list` and resume
         return TrainerDirInfo(
             kind="trainer",
             path=str(path),

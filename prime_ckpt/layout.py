@@ -345,11 +345,14 @@ def foreign_reason(kind: str, names: Iterable[str]) -> str | None:
     ``kind`` is ``"checkpoint"`` (ours: ``trainer/``, ``orchestrator.pt``, ``save_info.json``,
     ``manifest.json``) or ``"weights"`` (ours: safetensors shards and index, ``config.json``,
     ``generation_config.json``, tokenizer files, ``manifest.json``, ``COMPLETE``). Crash
-    leftovers of this project's writes are ours; an empty directory is ours (a save creating it).
+    leftovers of this project's writes are ours; an empty directory is ours (a save creating it);
+    hidden names other than DCP's ``.metadata`` (``.DS_Store``, ``.nfs*``) are not counted.
     """
     from prime_ckpt.storage import is_leftover
 
-    others = sorted(n for n in names if not is_leftover(n) and not (
+    # hidden names (.DS_Store, .nfs*, an editor's swap file) say nothing about who wrote the
+    # step, except DCP's own .metadata (a DCP checkpoint saved directly in the step directory)
+    others = sorted(n for n in names if not is_leftover(n) and not (n.startswith(".") and n != DCP_METADATA_FILE) and not (
         n in CHECKPOINT_STEP_NAMES if kind == "checkpoint" else _WEIGHTS_NAME_RE.match(n)))
     if not others:
         return None
@@ -599,7 +602,8 @@ def resolve_resume_step(
       logs that the run starts fresh and returns ``None``.
     * ``N >= 0``: N itself, if it is resumable.
 
-    ``async_level`` is k; ``None`` takes each step's recorded one (``save_info.json``), else 0.
+    ``async_level`` is k; each step needs at least the k its run recorded (``save_info.json``);
+    ``None`` takes the recorded one, else 0.
 
     Raises:
         NotResumableError (a ``FileNotFoundError``; ``CheckpointNotFoundError`` is its alias):
@@ -615,10 +619,10 @@ def resolve_resume_step(
     weights = scan_weights(output_dir)
 
     def level(c: CheckpointStep) -> int:
-        if async_level is not None:
-            return async_level
+        # the larger of the given and the recorded level: a step needs at least the weights its
+        # own run said it would
         recorded = step_async_level(c.path)
-        return 0 if recorded is None else recorded
+        return max(async_level or 0, recorded or 0)
 
     if resume_step == -1:
         for c in sorted(steps, key=lambda c: c.step, reverse=True):

@@ -59,7 +59,6 @@ from prime_ckpt.layout import (
     GENERATION_CONFIG_FILE,
     MANIFEST_FILE,
     SAFETENSORS_INDEX_FILE,
-    SUPERSEDED_DIR,
     WEIGHTS_DIR,
     WEIGHTS_MARKER,
     RunLayout,
@@ -67,6 +66,7 @@ from prime_ckpt.layout import (
     shard_file_name,
 )
 from prime_ckpt.manifest import ALGORITHM, build_manifest
+from prime_ckpt.run import superseded_dir
 from prime_ckpt.staging import ReusedBufferStager
 from prime_ckpt.storage import (
     AnyPath,
@@ -532,8 +532,7 @@ class WeightsPublisher:
         if found[0].foreign is not None:
             raise StepExistsError(f"{step_dir}: not this project's weights directory ({found[0].foreign}); refusing to replace it")
         if found[0].complete:
-            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-            where = self.layout.output_dir / SUPERSEDED_DIR / f"{stamp}-republish-step_{step}" / WEIGHTS_DIR
+            where = superseded_dir(self.layout.output_dir, f"republish-step_{step}") / WEIGHTS_DIR
             set_aside([step_dir], where)
             logger.warning("%s was already published (complete); set the earlier one aside into %s", step_dir, where)
         elif remove_tree(step_dir):

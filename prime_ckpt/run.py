@@ -67,6 +67,13 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
+def superseded_dir(output_dir: AnyPath | str, label: str) -> AnyPath:
+    """A fresh ``<output_dir>/superseded/<UTC time>-<label>-<6 hex>`` path (not created): where
+    set-aside steps go, unique even for two set-asides in one second."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return to_path(output_dir) / SUPERSEDED_DIR / f"{stamp}-{label}-{uuid.uuid4().hex[:6]}"
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -166,11 +173,9 @@ class RunLease:
         """Why the holder ``record`` is gone, or ``None`` if it may be alive."""
         if not record:
             return "the lease file is unreadable"
-        if record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int):
-            if not _pid_alive(record["pid"]):
-                return f"its process {record['pid']} is gone"
-            return None
-        if _age(record) > self.ttl_s:
+        if record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int) and not _pid_alive(record["pid"]):
+            return f"its process {record['pid']} is gone"
+        if _age(record) > self.ttl_s:  # a live holder beats every ttl/4; covers a reused pid too
             return f"no heartbeat for {_age(record):.0f} s (ttl {self.ttl_s:.0f} s)"
         return None
 
@@ -193,7 +198,7 @@ class RunLease:
             if current is None:
                 continue  # released in between: try again
             if current.get("run_id") == self.run_id or (
-                current.get("host") == socket.gethostname() and current.get("pid") == os.getpid()
+                current.get("host") == socket.gethostname() and current.get("pid") == os.getpid() and self.stale(current) is None
             ):
                 # the same run (a launcher's child), or this very process (a second Checkpointer)
                 self.record, self.owned, self.held = current, False, True
@@ -202,7 +207,7 @@ class RunLease:
             if why is None:
                 raise RunLeaseError(
                     f"{self.path}: output directory is in use by {self._describe(current)}; stop that run, "
-                    f"choose another output directory, or wait until its lease expires",
+                    f"or choose another output directory (a lease without a heartbeat for {self.ttl_s:.0f} s is taken over)",
                     self.path, current,
                 )
             logger.warning("%s: taking over the lease of %s: %s", self.path, self._describe(current), why)
@@ -330,8 +335,7 @@ def enter_run(
             moves.append((CONSUMER_ACK_FILE, layout.output_dir / CONSUMER_ACK_FILE))
         entry = RunEntry(run_id=run_id, start_step=start, lease=held)
         if moves:
-            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-            where = layout.output_dir / SUPERSEDED_DIR / f"{stamp}-{run_id}"
+            where = superseded_dir(layout.output_dir, run_id)
             by_parent: dict[str, list[AnyPath]] = {}
             for rel, path in moves:
                 by_parent.setdefault(rel.rsplit("/", 1)[0] if "/" in rel else "", []).append(path)

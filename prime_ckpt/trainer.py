@@ -29,6 +29,7 @@ import contextlib
 import gc
 import json
 import logging
+import os
 import random
 import re
 import threading
@@ -63,18 +64,19 @@ from prime_ckpt.errors import (
     StepExistsError,
 )
 from prime_ckpt.layout import (
+    CHECKPOINTS_DIR,
     SAVE_INFO_FILE,
-    SUPERSEDED_DIR,
     TRAINER_PART,
     CheckpointNotFoundError,
     RunLayout,
+    foreign_reason,
     resolve_resume_step,
     scan_inventory,
     trainer_part_complete,
 )
 from prime_ckpt.manifest import write_manifest
 from prime_ckpt.retention import Plan, RetentionPolicy, apply_plan, plan, with_consumer_ack
-from prime_ckpt.run import DEFAULT_LEASE_TTL_S, RunEntry, enter_run
+from prime_ckpt.run import DEFAULT_LEASE_TTL_S, RunEntry, enter_run, superseded_dir
 from prime_ckpt.staging import ReusedBufferStager
 from prime_ckpt.storage import (
     AnyPath,
@@ -724,22 +726,35 @@ class Checkpointer:
 
     def _clear_way(self, step: int, trainer_dir: AnyPath, overwrite: bool) -> str | None:
         """Rank 0, before a save writes anything: refuse (returns the error line) or make
-        ``trainer_dir`` free. A complete earlier save of this step is never deleted: without
-        ``overwrite`` the save is refused, with it the old ``trainer/`` is set aside. A
-        directory holding files of an unfinished save (a crash) is removed: never mix old and
-        new files. An empty directory is left alone: it is this save's, created by a faster
-        rank's planning step (removing it opened a window where a crash left no trace of the
-        save in progress)."""
+        ``trainer_dir`` free.
+
+        * A step directory that is not this project's (:func:`prime_ckpt.layout.foreign_reason`)
+          is never written into: refused.
+        * A complete earlier save of this step is never deleted: without ``overwrite`` the save is
+          refused; with it the whole ``checkpoints/step_<N>`` (trainer part, orchestrator record,
+          manifest, save record) is set aside into ``superseded/`` first, so the new step never
+          mixes with the old one's parts.
+        * A directory holding files of an unfinished save (a crash) is removed: never mix old and
+          new files. An empty directory is left alone: it is this save's, created by a faster
+          rank's planning step (removing it opened a window where a crash left no trace of the
+          save in progress).
+        """
+        step_dir = self.layout.step_dir(step)
+        names = os.listdir(step_dir) if not is_remote(step_dir) and step_dir.is_dir() else (
+            [p.name for p in step_dir.iterdir()] if step_dir.is_dir() else [])
+        if (why := foreign_reason("checkpoint", names)) is not None:
+            return f"{step_dir}: not this project's checkpoint step ({why}); not writing into it"
         if not _has_files(trainer_dir):
             return None
         if trainer_part_complete(trainer_dir):
             if not overwrite:
                 return (f"{trainer_dir}: checkpoint step {step} is already complete; not replacing it "
                         "(save(..., overwrite=True) sets the earlier one aside and writes a new one)")
-            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-            where = self.layout.output_dir / SUPERSEDED_DIR / f"{stamp}-resave-step_{step}"
-            set_aside([trainer_dir], where)
-            logger.warning("%s: overwrite=True: the complete earlier save is set aside into %s", trainer_dir, where)
+            if self._post_commit is not None:  # the earlier save's record/manifest job first
+                self._post_commit.submit(lambda: None).result()
+            where = superseded_dir(self.layout.output_dir, f"resave-step_{step}") / CHECKPOINTS_DIR
+            set_aside([step_dir], where)
+            logger.warning("%s: overwrite=True: the complete earlier step is set aside into %s", step_dir, where)
             return None
         logger.warning("%s holds files of an unfinished save; replacing it", trainer_dir)
         remove_tree(trainer_dir)

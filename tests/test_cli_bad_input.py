@@ -250,3 +250,30 @@ def test_inspect_reads_a_bare_safetensors_file(tmp_path):
     f.write_bytes(f.read_bytes()[:-4])  # truncated
     r = runner.invoke(app, ["inspect", str(f), "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["complete"] is False and "truncated" in json.loads(r.stdout)["problems"][0]
+
+
+def test_a_path_with_a_closing_markup_tag_is_no_traceback(tmp_path):
+    from tests.marks import write_orchestrator_mark, write_trainer_mark
+
+    root = tmp_path / "a[/red]b"
+    write_trainer_mark(root / "checkpoints" / "step_2" / "trainer")
+    write_orchestrator_mark(root / "checkpoints" / "step_2" / "orchestrator.pt", 2)
+    for args in (["verify", str(root)], ["list", str(root)], ["inspect", str(root / "checkpoints" / "step_2")],
+                 ["plan", str(root), "--keep", "1", "--async-level", "0"], ["prune", str(root), "--keep", "1", "--async-level", "0", "--yes"]):
+        r = runner.invoke(app, args)
+        assert r.exception is None or isinstance(r.exception, SystemExit), (args, r.output)
+        assert "a[/red]b" in r.stdout.replace("\n", ""), (args, r.output)
+
+
+def test_inspect_of_a_step_agrees_with_list_on_completeness(tmp_path, good):
+    run = copy_run(good, tmp_path / "run")
+    step = run / "checkpoints" / "step_4"
+    (step / "orchestrator.pt").write_bytes((step / "orchestrator.pt").read_bytes()[:50])
+    d = json.loads(runner.invoke(app, ["inspect", str(step), "--json"]).stdout)
+    listed = {c["step"]: c for c in json.loads(runner.invoke(app, ["list", str(run), "--json"]).stdout)["checkpoints"]}
+    assert d["complete"] is False and listed[4]["complete"] is False and d["parts"]["orchestrator"] is False
+    shard = step / "trainer" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:50])
+    r = runner.invoke(app, ["inspect", str(step / "trainer")])
+    assert "INCOMPLETE" in r.stdout and "truncated" in r.stderr, r.output
+    assert json.loads(runner.invoke(app, ["inspect", str(step), "--json"]).stdout)["parts"]["trainer"] is False

@@ -146,7 +146,7 @@ def test_outputs_never_clobber_or_overlap(tmp_path, tmp_path_factory):
     (tmp_path / "a_dir").mkdir()
     with pytest.raises(ConvertError, match="is a directory"):
         dcp_to_torch_save(step, tmp_path / "a_dir", force=True)
-    with pytest.raises(ConvertError, match="not a DCP directory"):
+    with pytest.raises(ConvertError, match="not an empty directory; convert never replaces it"):
         torch_save_to_dcp(existing, run, force=True)  # would replace a whole run: refused
     assert (run / "checkpoints" / "step_4" / "trainer" / ".metadata").is_file()
     assert not list(tmp_path.glob(".*.tmp.*"))
@@ -189,10 +189,12 @@ def test_output_inside_any_checkpoint_is_refused_even_with_force(tmp_path, tmp_p
     from prime_ckpt.convert import checkpoint_containing
 
     assert all(checkpoint_containing(out)[0] == inside for out, inside in cases.items())
-    # outside every checkpoint: still allowed (a standalone DCP dir may be replaced with --force)
+    # outside every checkpoint: a file may be replaced with --force; a DCP checkpoint never is
     assert checkpoint_containing(run / "exports" / "model.safetensors") is None
     assert checkpoint_containing(standalone) is None
-    torch_save_to_dcp(tmp_path / "x.pt", standalone, force=True)
+    with pytest.raises(ConvertError, match="exists and is a DCP checkpoint; convert never replaces it, even with --force"):
+        torch_save_to_dcp(tmp_path / "x.pt", standalone, force=True)
+    assert snapshot(standalone) == before_dcp
     to_safetensors(src, run / "model.safetensors")
 
 

@@ -167,7 +167,7 @@ def test_republishing_a_complete_step_sets_the_earlier_one_aside_and_a_foreign_d
         model.proj.weight.add_(1.0)
     with WeightsPublisher(tmp_path, save_async=False) as pub:
         pub.publish(1, model)
-    [aside] = list((tmp_path / "superseded").glob("*-republish-step_1/weights/step_1"))
+    [aside] = list((tmp_path / "superseded").glob("*-republish-step_1-*/weights/step_1"))
     assert {p.name: p.read_bytes() for p in aside.iterdir()} == first  # nothing lost
     got, _ = load_weights(RunLayout(tmp_path).weights_step_dir(1))
     assert torch.equal(got["proj.weight"], model.proj.weight.detach())

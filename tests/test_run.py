@@ -161,7 +161,7 @@ def test_fresh_entry_sets_aside_every_earlier_step_and_resume_cannot_pick_them(t
         assert resolve_resume_step(tmp_path, -1) is None
         where = tmp_path / SUPERSEDED_DIR
         [moved] = os.listdir(where)
-        assert moved.endswith("-newrun")
+        assert "-newrun-" in moved
         assert sorted(os.listdir(where / moved / "checkpoints")) == ["step_500", "step_600", "step_700"]
         assert sorted(os.listdir(where / moved / "weights")) == ["step_2", "step_3", "step_4", "step_5"]
         assert (tmp_path / "checkpoints" / "notes").is_dir()  # not ours: untouched
@@ -261,3 +261,20 @@ def test_run_record_is_written(tmp_path):
     entry = enter_run(tmp_path, -1, run_id="abc", lease=False)
     record = json.loads((tmp_path / RUN_FILE).read_text())
     assert entry.start_step == 4 and record["run_id"] == "abc" and record["start_step"] == 4 and record["set_aside"] == []
+
+
+def test_a_same_host_lease_with_a_reused_pid_expires_by_heartbeat(tmp_path):
+    import socket
+
+    # pid 1 is alive (another process reused the dead holder's pid): only the heartbeat tells
+    (tmp_path / LEASE_FILE).write_text(json.dumps({"run_id": "old", "host": socket.gethostname(), "pid": 1,
+                                                   "heartbeat_at": time.time() - 3600}))
+    lease = RunLease(tmp_path, "new", ttl_s=60).acquire()
+    assert lease.owned and json.loads((tmp_path / LEASE_FILE).read_text())["run_id"] == "new"
+    lease.release()
+    # this very process with a stale record (pid reuse in a container) is not joined silently
+    (tmp_path / LEASE_FILE).write_text(json.dumps({"run_id": "old", "host": socket.gethostname(), "pid": os.getpid(),
+                                                   "heartbeat_at": time.time() - 3600}))
+    lease = RunLease(tmp_path, "new2", ttl_s=60).acquire()
+    assert lease.owned
+    lease.release()

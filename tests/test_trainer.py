@@ -1,6 +1,7 @@
 """Trainer checkpointing on 2 CPU/gloo ranks with FSDP2 (each run under a hard timeout)."""
 
 import json
+import os
 
 import pytest
 
@@ -255,7 +256,7 @@ def test_resaving_a_complete_step_is_refused_and_overwrite_sets_the_old_one_asid
         ck.save(5, state)
     ck.save(5, state, overwrite=True)
     ck.close()
-    [aside] = (tmp_path / "superseded").glob("*-resave-step_5/trainer")
+    [aside] = (tmp_path / "superseded").glob("*-resave-step_5-*/checkpoints/step_5/trainer")
     for where, want in ((tmp_path, model.weight.detach().clone()), (None, first)):
         model2, state2 = _small_state(4)
         if where is None:  # the set-aside earlier save is whole and loads bitwise
@@ -344,7 +345,7 @@ def test_kill_while_overwriting_a_step_loses_nothing(tmp_path, what):
             proc.kill()
             proc.wait()
         place = out / "checkpoints" / "step_5" / "trainer" if what == "save" else out / "weights" / "step_5"
-        aside = sorted((out / "superseded").glob("*/trainer" if what == "save" else "*/weights/step_5"))
+        aside = sorted((out / "superseded").glob("*/checkpoints/step_5/trainer" if what == "save" else "*/weights/step_5"))
         versions = {weight_of(p) for p in [place, *aside] if p.exists() and complete(p)}
         assert v1 in versions, (delay, versions)  # the earlier version is never lost
         assert versions <= {v1, v2}
@@ -367,3 +368,33 @@ def test_a_full_disk_during_a_save_is_named_no_space_left(tmp_path, monkeypatch)
     assert "rank 0: OSError: [Errno 28] No space left on device (0 bytes free on the file system of" in str(e)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 1 << 30, 9 << 30))
     assert "PytorchStreamWriter failed writing" in str(trainer._save_error(3, tmp_path, err))  # not a full disk: as torch says
+
+
+def test_a_save_never_writes_into_a_foreign_step_dir_and_a_stray_hidden_file_changes_nothing(tmp_path):
+    """A step directory another tool wrote (a plain DCP save at checkpoints/step_3) is refused,
+    untouched; a .DS_Store in a complete step of ours keeps it ours, complete and resumable; two
+    overwrites within one second both set the earlier step aside (unique names) (review of #15)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from prime_ckpt.config import CheckpointConfig
+    from prime_ckpt.errors import StepExistsError
+    from prime_ckpt.layout import resolve_resume_step
+    from prime_ckpt.trainer import Checkpointer
+
+    foreign = tmp_path / "checkpoints" / "step_3"
+    dcp.save({"w": torch.ones(3)}, checkpoint_id=str(foreign), no_dist=True)
+    before = sorted(os.listdir(foreign))
+    _model, state = _small_state(5)
+    ck = Checkpointer(tmp_path, CheckpointConfig(interval=1))
+    ck.save(2, state)
+    with pytest.raises(StepExistsError, match=r"step_3: not this project's checkpoint step \(a DCP checkpoint saved directly"):
+        ck.save(3, state)
+    assert sorted(os.listdir(foreign)) == before
+    (tmp_path / "checkpoints" / "step_2" / ".DS_Store").write_bytes(b"x")
+    assert resolve_resume_step(tmp_path, -1, ("trainer",)) == 2
+    ck.save(2, state, overwrite=True)
+    ck.save(2, state, overwrite=True)
+    ck.close()
+    asides = sorted((tmp_path / "superseded").glob("*-resave-step_2-*/checkpoints/step_2"))
+    assert len(asides) == 2 and all((a / "trainer" / ".metadata").is_file() and (a / "save_info.json").is_file() for a in asides)
