@@ -569,6 +569,18 @@ def plan_cmd(
     _render_plan(p, sizes, _console(), f"retention plan for {_esc(output_dir)} (dry run)")
 
 
+def _warn_if_held(output_dir: str) -> None:
+    """One warning line when a live run holds the directory's lease (``run.lock``): its own
+    retention runs after each of its saves, with its own policy."""
+    from prime_ckpt.run import RunLease, lease_holder
+
+    root = _target(output_dir)
+    holder = lease_holder(root)
+    if holder and RunLease(root, "").stale(holder) is None:
+        typer.echo(_redact(f"warning: {root}: a live run holds this directory (run {holder.get('run_id')}, pid "
+                           f"{holder.get('pid')} on host {holder.get('host')}); its own retention also runs after each save"), err=True)
+
+
 def _clean_leftovers(output_dir: str) -> None:
     """After ``prune``: a delete renames the step to a hidden ``.step_N.deleting.*`` name first;
     remove what interrupted or failed deletes left (as the trainer does on start-up) and name
@@ -609,6 +621,7 @@ def prune_cmd(
         p, sizes = _plan_and_sizes(_target(output_dir), keep, keep_interval, async_level, current_step, weights_interval, consumer_step)
     con = _console()
     _render_plan(p, sizes, con, f"retention plan for {_esc(output_dir)}")
+    _warn_if_held(output_dir)
     if not p.deletes:
         con.print("nothing to delete")
         _clean_leftovers(output_dir)

@@ -170,3 +170,17 @@ def test_a_symlinked_step_dir_is_listed_as_ignored_and_never_followed(tmp_path):
     assert r.exit_code == 0
     assert (elsewhere / "checkpoints" / "step_7" / "trainer" / ".metadata").is_file()
     assert (tmp_path / "checkpoints" / "step_7").is_symlink()
+
+
+def test_prune_warns_when_a_live_run_holds_the_directory(tmp_path):
+    from prime_ckpt.run import RunLease
+
+    make_run(tmp_path, [5, 10], [])
+    lease = RunLease(tmp_path, "live1").acquire()
+    try:
+        r = runner.invoke(app, ["prune", str(tmp_path), "--keep", "1", "--yes"])
+        assert r.exit_code == 0 and f"warning: {tmp_path}: a live run holds this directory (run live1, pid {os.getpid()}" in r.stderr, r.output
+    finally:
+        lease.release()
+    r = runner.invoke(app, ["prune", str(tmp_path), "--keep", "1", "--yes"])
+    assert r.exit_code == 0 and "live run" not in r.stderr
