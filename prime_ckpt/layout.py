@@ -220,7 +220,7 @@ def trainer_part_problem(trainer_dir: AnyPath | str) -> str | None:
         return None
     if is_remote(trainer_dir):
         try:
-            sizes = {posixpath_name(i["name"]): int(i.get("size") or 0) for i in trainer_dir.fs.ls(trainer_dir.path, detail=True)}
+            sizes = {_basename(i["name"]): int(i.get("size") or 0) for i in trainer_dir.fs.ls(trainer_dir.path, detail=True)}
         except OSError:
             sizes = {}
     else:
@@ -239,7 +239,7 @@ def trainer_part_problem(trainer_dir: AnyPath | str) -> str | None:
     return None
 
 
-def posixpath_name(name: str) -> str:
+def _basename(name: str) -> str:
     """The last component of a ``/``-separated name."""
     return name.rstrip("/").rsplit("/", 1)[-1]
 

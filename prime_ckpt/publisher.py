@@ -62,8 +62,9 @@ from prime_ckpt.layout import (
     WEIGHTS_DIR,
     WEIGHTS_MARKER,
     RunLayout,
-    scan_weights,
+    foreign_reason,
     shard_file_name,
+    weights_complete,
 )
 from prime_ckpt.manifest import ALGORITHM, build_manifest
 from prime_ckpt.run import superseded_dir
@@ -75,6 +76,7 @@ from prime_ckpt.storage import (
     fsync_dir,
     is_remote,
     one_line,
+    refresh,
     remove_tree,
     set_aside,
 )
@@ -526,12 +528,13 @@ class WeightsPublisher:
 
     def _clear_way(self, step: int, step_dir: AnyPath) -> None:
         """Rank 0: make ``weights/step_<step>`` free for this publish (see :meth:`_job`)."""
-        found = [w for w in scan_weights(self.layout.output_dir) if w.step == step]
-        if not found:
+        # this step's directory only: a scan of every weights step per publish would grow with the run
+        refresh(step_dir)
+        if not step_dir.is_dir():
             return
-        if found[0].foreign is not None:
-            raise StepExistsError(f"{step_dir}: not this project's weights directory ({found[0].foreign}); refusing to replace it")
-        if found[0].complete:
+        if (why := foreign_reason("weights", [p.name for p in step_dir.iterdir()])) is not None:
+            raise StepExistsError(f"{step_dir}: not this project's weights directory ({why}); refusing to replace it")
+        if weights_complete(step_dir):
             where = superseded_dir(self.layout.output_dir, f"republish-step_{step}") / WEIGHTS_DIR
             set_aside([step_dir], where)
             logger.warning("%s was already published (complete); set the earlier one aside into %s", step_dir, where)

@@ -358,7 +358,6 @@ def gc_paused():
 def _free_bytes(path: AnyPath) -> int | None:
     """Free bytes on the local file system holding ``path`` (its nearest existing parent), or
     None (remote, or unknown)."""
-    import os
     import shutil
 
     if is_remote(path):
@@ -740,8 +739,7 @@ class Checkpointer:
           save in progress).
         """
         step_dir = self.layout.step_dir(step)
-        names = os.listdir(step_dir) if not is_remote(step_dir) and step_dir.is_dir() else (
-            [p.name for p in step_dir.iterdir()] if step_dir.is_dir() else [])
+        names = [p.name for p in step_dir.iterdir()] if step_dir.is_dir() else []
         if (why := foreign_reason("checkpoint", names)) is not None:
             return f"{step_dir}: not this project's checkpoint step ({why}); not writing into it"
         if not _has_files(trainer_dir):
