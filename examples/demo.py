@@ -4,10 +4,14 @@
    run's orchestrator samples from it over HTTP and tells it which weights to serve;
 1. reference: the reverse-text run (a Hugging Face Llama trained on 2 FSDP2 ranks + the
    orchestrator), no checkpoints;
-2. the same run with async checkpoints; once checkpoint step ~N/2 is complete on disk, the whole
-   job (trainer + orchestrator, not the server) is SIGKILLed;
-3. the same command with ``--ckpt.resume-step -1`` picks the newest resumable step x (complete, with its weights [x - async_level, x]); the server,
-   still running (same pid), is told to load the weights of x - async_level; the run finishes;
+2. the same run with async checkpoints, logging to W&B (offline, ``outputs/demo/wandb``; each
+   program prints its run id and writes it to ``<output_dir>/wandb/<program>.id``); once
+   checkpoint step ~N/2 is complete on disk, the whole job (trainer + orchestrator, not the
+   server) is SIGKILLed;
+3. the same command with ``--ckpt.resume-step -1`` and the two W&B run ids read back from those
+   files picks the newest resumable step x (complete, with its weights [x - async_level, x]); the
+   server, still running (same pid), is told to load the weights of x - async_level; the run
+   finishes, logging into the same W&B runs;
 4. compare: final parameters (sha256) and every loss after the resume step must be identical to
    the reference (vLLM's seeded sampling reproduces the rollouts); reward must have risen;
 5. ``prime-ckpt inspect`` of the last checkpoint and of the last published weights.
@@ -29,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from examples.reverse_text.common import wandb_id_path
 from prime_ckpt.layout import latest_complete_step, scan_checkpoints, scan_weights
 
 OUT = ROOT / "outputs" / "demo"
@@ -47,6 +52,7 @@ def env() -> dict[str, str]:
     e["OMP_NUM_THREADS"] = "1"
     e["PYTHONUNBUFFERED"] = "1"
     e.setdefault("WANDB_MODE", "offline")
+    e.setdefault("WANDB_DIR", str(OUT))
     return e
 
 
@@ -71,7 +77,7 @@ def parse(log: Path) -> tuple[dict[int, tuple[str, float]], str | None, list[str
             steps[int(m.group(1))] = (m.group(2), float(m.group(3)))
         elif m := FINAL_RE.match(line):
             sha = m.group(2)
-        elif line.startswith(("rl:", "trainer: resumed", "orchestrator: resumed", "orchestrator: inference server")):
+        elif line.startswith(("rl:", "trainer: resumed", "orchestrator: resumed", "orchestrator: inference server")) or " W&B run id " in line:
             notes.append(line)
     return steps, sha, notes
 
@@ -177,11 +183,12 @@ def _demo(server, ref_dir: Path, run_dir: Path, t_all: float) -> int:
     print(f"    done in {time.perf_counter() - t0:.1f} s; final params sha256 {ref_sha[:16]}...")
 
     ckpt = ("--ckpt.interval", str(INTERVAL), "--ckpt.save-async", "--ckpt.keep", str(KEEP))
+    wandb_flags = ("--trainer.monitor.wandb.project", "prime-ckpt-demo", "--orchestrator.monitor.wandb.project", "prime-ckpt-demo")
     print(f"\n== 2/4 same run with async checkpoints every {INTERVAL} steps, keeping the {KEEP} newest; "
           f"stop the job (SIGKILL; not the server) once step {STOP_AT} is on disk")
     t0 = time.perf_counter()
     log = OUT / "run.log"
-    proc = start(rl_cmd(run_dir, *ckpt), log)
+    proc = start(rl_cmd(run_dir, *ckpt, *wandb_flags), log)
     deadline = time.monotonic() + 240
     while (latest_complete_step(run_dir) or 0) < STOP_AT:
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -198,9 +205,13 @@ def _demo(server, ref_dir: Path, run_dir: Path, t_all: float) -> int:
     if alive:
         print(f"    processes of the stopped job still alive: {alive}")
         return 1
-    killed_steps, _, _ = parse(log)
+    killed_steps, _, killed_notes = parse(log)
     last = max(killed_steps) if killed_steps else 0
     print(f"    killed the job's process group at trainer step {last} ({time.perf_counter() - t0:.1f} s)")
+    for line in killed_notes:
+        if " W&B run id " in line:
+            print(f"    {line}")
+    run_ids = {p: wandb_id_path(run_dir, p).read_text().strip() for p in ("trainer", "orchestrator")}
     print(f"    inference server: pid {server.pid}, alive: {server.poll() is None}, "
           f"serves weights step {InferenceClient(SERVER_URL).loaded_step()}")
     for c in scan_checkpoints(run_dir):
@@ -210,7 +221,8 @@ def _demo(server, ref_dir: Path, run_dir: Path, t_all: float) -> int:
     print("\n== 3/4 resume: the same command with --ckpt.resume-step -1")
     t0 = time.perf_counter()
     log = OUT / "resume.log"
-    wait(start(rl_cmd(run_dir, *ckpt, "--ckpt.resume-step", "-1"), log), log, "resumed run")
+    same_runs = [f"--{p}.monitor.wandb.id={run_id}" for p, run_id in run_ids.items()]  # what $(cat <file>) gives
+    wait(start(rl_cmd(run_dir, *ckpt, "--ckpt.resume-step", "-1", *wandb_flags, *same_runs), log), log, "resumed run")
     res_steps, res_sha, notes = parse(log)
     for line in notes:
         print(f"    {line}")
@@ -229,6 +241,9 @@ def _demo(server, ref_dir: Path, run_dir: Path, t_all: float) -> int:
     print(f"                         resumed   {res_sha}")
     ok &= ref_sha is not None and ref_sha == res_sha
     ok &= server.poll() is None
+    resumed_ids = dict(re.findall(r"^(trainer|orchestrator): W&B run id (\S+) ", (OUT / "resume.log").read_text(), re.MULTILINE))
+    print(f"    W&B runs continued: {resumed_ids == run_ids} (trainer {run_ids['trainer']}, orchestrator {run_ids['orchestrator']})")
+    ok &= resumed_ids == run_ids
     first = [ref_steps[n][1] for n in range(1, 6)]
     lastr = [ref_steps[n][1] for n in range(STEPS - 4, STEPS + 1)]
     r0, r1 = sum(first) / len(first), sum(lastr) / len(lastr)

@@ -302,17 +302,19 @@ def _render_ignored(d: dict[str, Any], con: Console) -> None:
 
 
 def _render_listing(d: dict[str, Any], con: Console) -> None:
-    con.print(f"[bold]{d['path']}[/] ({d['kind']})")
+    con.print(f"[bold]{d['path']}[/] ({d['kind']}" + (": another tool's checkpoint folder, step-<N> dirs; read-only here)" if d["kind"] == "torchtitan" else ")"))
     if d["checkpoints"] is not None:
         t = Table(title="checkpoint steps", title_justify="left")
-        for col in ("step", "status", "trainer", "orchestrator", "path"):
+        cols = ("step", "status", "trainer", "path") if d["kind"] == "torchtitan" else ("step", "status", "trainer", "orchestrator", "path")
+        for col in cols:
             t.add_column(col, overflow="fold")
         for s in d["checkpoints"]:
-            t.add_row(
-                str(s["step"]), _flag(s["complete"]),
-                "yes" if s["parts"]["trainer"] else ("partial" if "trainer" in s["present"] else "-"),
-                "yes" if s["parts"]["orchestrator"] else "-", s["path"],
-            )  # fmt: skip
+            cells = {
+                "step": str(s["step"]), "status": _flag(s["complete"]), "path": s["path"],
+                "trainer": "yes" if s["parts"]["trainer"] else ("partial" if "trainer" in s["present"] else "-"),
+                "orchestrator": "yes" if s["parts"].get("orchestrator") else "-",
+            }  # fmt: skip
+            t.add_row(*(cells[c] for c in cols))
         con.print(t)
         con.print(f"latest complete step: {d['latest_complete_step']}")
     if d["weights"] is not None:
@@ -366,6 +368,20 @@ def _render_trainer(tr: dict[str, Any], con: Console, ok: bool | None = None) ->
         con.print(t)
 
 
+_SAVE_FIELDS = ("mode", "world_size", "async_level", "blocking_s", "staging_s", "total_s", "bytes", "total_bytes", "error")
+
+
+def _save_field(key: str, value: Any) -> str:
+    """``key=value`` of a save record, in units: seconds as ``1.234 s``, bytes as ``1.0 GiB``;
+    a value of the wrong type is shown as it is (``inspect`` warns about it)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if key.endswith("_s") and number:
+        return f"{key}={value:.3f} s"
+    if key in ("bytes", "total_bytes") and isinstance(value, int) and not isinstance(value, bool):
+        return f"{key}={_fmt_bytes(value)}"
+    return f"{key}={value}"
+
+
 def _render_step(d: dict[str, Any], con: Console) -> None:
     con.print(f"[bold]{d['path']}[/]  step {d['step']}  {_flag(d['complete'])}")
     parts = "  ".join(f"{p}: {'complete' if ok else 'missing/incomplete'}" for p, ok in d["parts"].items())
@@ -374,20 +390,13 @@ def _render_step(d: dict[str, Any], con: Console) -> None:
         con.print("orchestrator: " + ", ".join(f"{k}={v}" for k, v in d["orchestrator"].items()))
     if d["save_info"] is not None:
         s = d["save_info"]
-        con.print(
-            "save record: "
-            + ", ".join(
-                f"{k}={round(s[k], 3) if isinstance(s[k], float) else s[k]}"
-                for k in ("mode", "world_size", "blocking_s", "staging_s", "total_s", "bytes")
-                if k in s
-            )
-        )
+        con.print("save record: " + ", ".join(_save_field(k, s[k]) for k in _SAVE_FIELDS if k in s))
     if d["trainer"] is not None:
         _render_trainer(d["trainer"], con, ok=d["parts"].get("trainer"))
 
 
 def _render_weights(d: dict[str, Any], con: Console) -> None:
-    what = f"weights step {d['step']}" if d["step"] is not None else "safetensors file"
+    what = f"weights step {d['step']}" if d["step"] is not None else d["kind"].replace("_", " ")
     con.print(f"[bold]{d['path']}[/]  {what}  {_flag(d['complete'])}")
     con.print("files: " + ", ".join(f"{f['name']} ({_fmt_bytes(f['size'])})" for f in d["files"]))
     if d["config"] is not None:
@@ -404,6 +413,8 @@ _RENDERERS = {
     "checkpoint_step": _render_step,
     "weights_step": _render_weights,
     "safetensors_file": _render_weights,
+    "safetensors_dir": _render_weights,
+    "torchtitan": _render_listing,
     "trainer": lambda d, con: (con.print(f"[bold]{d['path']}[/]  step {d['step']}"),
                                _render_trainer(d["trainer"], con, ok=d["trainer"]["complete"] and not d["problems"])),
 }
@@ -411,7 +422,8 @@ _RENDERERS = {
 
 @app.command("inspect")
 def inspect_cmd(
-    path: Annotated[str, typer.Argument(metavar="PATH", help="Run output dir, checkpoints/ or weights/ dir, step_<N> dir, or trainer/ DCP dir." + _URL_HELP)],
+    path: Annotated[str, typer.Argument(metavar="PATH", help="Run output dir, checkpoints/ or weights/ dir, step_<N> dir, trainer/ or any DCP dir, "
+                                        "a torchtitan checkpoint folder, a safetensors file or directory." + _URL_HELP)],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (schema below) instead of tables.")] = False,
     name_filter: Annotated[
         str | None, typer.Option("--filter", metavar="GLOB", help="Only tensors/entries whose name matches GLOB (fnmatch, case-sensitive).")
@@ -434,7 +446,9 @@ def inspect_cmd(
       orchestrator: {step, total_tokens, total_samples, total_problems, extra} | null,
       trainer: TRAINER, filter: GLOB | null
     kind "trainer" (a DCP dir): step (from a parent step_<N>) | null, trainer: TRAINER, filter
-    TRAINER: {path, complete (has .metadata); when complete, else null:
+    TRAINER: {path, complete (has .metadata, or per-rank __<rank>.metadata files: a save with
+      use_collectives=False, merged), metadata_files: [".metadata"] | ["__0.metadata", ...];
+      when complete, else null:
       world_size (distinct ranks among __<rank>_<n>.distcp files the metadata references),
       storage_files: [{name, rank, exists, size}],
       tensors: [{name, shape: [int], dtype: "float32", bytes (global numel * element size),
@@ -442,8 +456,12 @@ def inspect_cmd(
       non_tensors: [{name, stored_bytes}],
       totals: {"<top-level key, e.g. app.model>": {tensors, bytes, sharded, non_tensors}},
       total_bytes}
-    kind "weights_step" (and "safetensors_file": a bare .safetensors file, step null, complete =
-    its header reads and matches its size):
+    kind "torchtitan" (torchtitan's checkpoint folder, or its dump folder): a listing as above,
+      one checkpoints row per step-<N> (parts: {trainer}); weights null; read-only
+    kind "weights_step" (and "safetensors_file": a bare .safetensors file; "safetensors_dir":
+    any directory of safetensors files, e.g. DCP's HuggingFace writer output, whose unconsolidated
+    per-rank shards show assembled shapes and a problem; step null, complete = every header reads
+    and matches its file's size):
       step, complete (COMPLETE marker), files: [{name, size}], config: config.json | null,
       tensors: [{name, shape, dtype, bytes, chunks: 1, sharded: false}] | null, total_bytes, filter
 
@@ -673,7 +691,8 @@ def list_cmd(
     presence; never tensor data; writes nothing; does not import torch. With --keep/--keep-interval/--async-level the
     retention plan's decision is shown per step (as `plan` would make it); without them "-".
     JSON ("schema": "prime-ckpt.list/1"):
-      {path, parts: ["trainer", "orchestrator"?] (what this run writes),
+      {path, layout: "prime-ckpt" | "torchtitan" (a checkpoint/step-<N> folder, listed read-only),
+       parts: ["trainer", "orchestrator"?] (what this run writes),
        latest_complete_step: int | null,
        policy: {keep, keep_interval, async_level, weights_interval, consumer_step} | null,
        latest_resumable_step: int | null (what --ckpt.resume-step -1 loads),
@@ -707,7 +726,8 @@ def list_cmd(
         return
     raw, table = table, _safe_tree(table)
     con = _console()
-    con.print(f"[bold]{table['path']}[/]  parts per step: {'+'.join(table['parts'])}")
+    con.print(f"[bold]{table['path']}[/]  parts per step: {'+'.join(table['parts'])}"
+              + ("  (torchtitan's checkpoint folder, step-<N> dirs: another tool's, listed read-only)" if table["layout"] == "torchtitan" else ""))
     t = Table(title="checkpoint steps", title_justify="left")
     for col in ("step", "status", "resumable", "parts", "bytes", "manifest", "progress (step/samples/tokens)", "save", "retention"):
         t.add_column(col, overflow="fold", justify="right" if col in ("step", "bytes") else "left")

@@ -48,8 +48,10 @@ from prime_ckpt.dcp_metadata import (
     SafeFileSystemReader,
     SafeLoadPlanner,
     UnsafeMetadataError,
+    has_dcp_metadata,
     read_dcp_metadata,
 )
+from prime_ckpt.foreign import sharding_info
 from prime_ckpt.layout import (
     CHECKPOINTS_DIR,
     DCP_METADATA_FILE,
@@ -181,7 +183,7 @@ def _safetensors_files(path: Path) -> list[Path] | None:
 
     if path.is_file() and path.suffix == ".safetensors":
         return [path]
-    if path.is_dir() and ((path / MODEL_FILE).is_file() or (path / SAFETENSORS_INDEX_FILE).is_file()):
+    if path.is_dir() and ((path / MODEL_FILE).is_file() or (path / SAFETENSORS_INDEX_FILE).is_file() or any(path.glob("*.safetensors"))):
         try:
             return [Path(p) for p in weights_files(path)]
         except ValueError as e:
@@ -193,7 +195,7 @@ def dcp_dir_of(path: Path | str) -> Path | None:
     """The DCP directory ``path`` names (a ``trainer/`` or any dir with ``.metadata``, or a
     checkpoint step dir holding ``trainer/``), or ``None``."""
     path = Path(path)
-    if path.is_dir() and ((path / DCP_METADATA_FILE).is_file() or path.name == TRAINER_PART):
+    if path.is_dir() and (has_dcp_metadata(path) or path.name == TRAINER_PART):
         return path
     if path.is_dir() and (path / TRAINER_PART).is_dir():
         return path / TRAINER_PART
@@ -246,7 +248,7 @@ def open_dcp(trainer_dir: Path, *, model_only: bool = False, key: str | None = N
     ``key`` to choose it), named without it; at the root, other training state
     (:data:`NON_MODEL_ROOTS`) is left out.
     """
-    if not (trainer_dir / DCP_METADATA_FILE).is_file():
+    if not has_dcp_metadata(trainer_dir):
         raise ConvertError(f"{trainer_dir}: {DCP_METADATA_FILE} missing (save did not finish?)")
     md = read_dcp_metadata(trainer_dir)
     tensor_keys = [k for k, e in md.state_dict_metadata.items() if isinstance(e, TensorStorageMetadata)]
@@ -280,6 +282,16 @@ def open_safetensors(file: Path) -> TensorSource:
         raise ConvertError(str(e)) from None
     if size != expected:
         raise ConvertError(f"{file}: size {size} != {expected} declared by its header (truncated?)")
+    try:
+        shard = sharding_info(header) is not None
+    except ValueError as e:
+        raise ConvertError(f"{file}: {e}") from None
+    if shard:
+        raise ConvertError(
+            f"{file}: one rank's shard written by DCP's HuggingFaceStorageWriter without consolidation "
+            "(DCP_SHARDING_INFO), not the full model; consolidate the shards first (DCP's consolidate_safetensors_files, "
+            "or save with enable_consolidation=True) and give the consolidated files"
+        )
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         if name == "__metadata__":
@@ -304,7 +316,9 @@ def open_source(path: Path | str, *, model_only: bool = False, key: str | None =
         raise ConvertError(f"{path}: {missing_reason(path)}")
     shards = _safetensors_files(path)
     if shards is not None:
-        if path.is_dir() and not (path / WEIGHTS_MARKER).is_file():
+        if path.is_dir() and parse_step(path.name) is not None and not (path / WEIGHTS_MARKER).is_file():
+            # this project's weights step: COMPLETE is written last; other producers' HF dirs have
+            # no marker (every file's header is checked against its size below)
             raise ConvertError(f"{path}: no {WEIGHTS_MARKER} marker (weights not finished?)")
         if len(shards) == 1:
             return open_safetensors(shards[0])
@@ -386,7 +400,7 @@ def checkpoint_containing(out: Path | str) -> tuple[Path, str] | None:
     for view in dict.fromkeys(views):
         for parent in reversed(view.parents):
             kind = _step_dir_kind(parent)
-            if kind is None and (parent / DCP_METADATA_FILE).is_file():
+            if kind is None and has_dcp_metadata(parent):
                 kind = "DCP directory"
             if kind is not None:
                 return parent, kind
@@ -408,6 +422,18 @@ def refuse_inside_checkpoint(out: Path) -> None:
         raise ConvertError(f"{out}: inside the {kind} {where}; convert never writes into a checkpoint, even with --force (choose an OUT outside it)")
 
 
+def _check_parent(out: Path) -> None:
+    """Refuse an ``out`` whose directory cannot be made or written: the nearest existing ancestor
+    is a file, or is a directory this process may not write (one line, before anything is read)."""
+    ancestor = out.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConvertError(f"{out}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConvertError(f"{out}: {ancestor} is not writable (permission denied); choose another OUT")
+
+
 def check_output(out: Path | str, source: Path | str, *, force: bool, directory: bool) -> Path:
     """Refuse an output that exists (without ``force``), lies inside the input, lies inside any
     checkpoint (:func:`checkpoint_containing`; even with ``force``), or (with ``force``) is
@@ -420,6 +446,7 @@ def check_output(out: Path | str, source: Path | str, *, force: bool, directory:
         ConvertError: one line naming ``out`` and why it may not be written.
     """
     out, source = Path(out), Path(source)
+    _check_parent(out)
     src_root = source
     if source.name == "model.safetensors" and source.is_file():
         src_root = source.parent
@@ -499,7 +526,7 @@ def to_safetensors(source: Path | str, out: Path | str, *, dtype: str | None = N
     :func:`model_prefix`) or a weights dir -> a safetensors file, mode 0644.
 
     ``out`` names the file, or a directory (an existing directory, a path ending in ``/``, or a
-    name without a suffix) that receives ``model.safetensors``.
+    name without a suffix that does not exist yet) that receives ``model.safetensors``.
 
     Args:
         dtype: ``"bf16"``, ``"fp16"`` or ``"fp32"``: cast floating-point tensors (others are kept).
@@ -510,7 +537,7 @@ def to_safetensors(source: Path | str, out: Path | str, *, dtype: str | None = N
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     src = open_source(source, model_only=True, key=key)
-    if str(out).endswith(("/", os.sep)) or Path(out).is_dir() or not Path(out).suffix:
+    if str(out).endswith(("/", os.sep)) or Path(out).is_dir() or not (Path(out).suffix or Path(out).exists()):
         refuse_inside_checkpoint(Path(out))
         out = Path(out) / MODEL_FILE
     out = check_output(out, source, force=force, directory=False)

@@ -18,7 +18,9 @@ the globals a real ``.metadata`` references (found by disassembling real files w
 * ``pathlib.PosixPath`` / ``WindowsPath`` and their pure variants (``StorageMeta.checkpoint_id``),
   also under ``pathlib._local`` (Python 3.13+); a path of the other OS's flavour comes back as
   the pure variant;
-* ``collections.OrderedDict`` (older torch releases).
+* ``collections.OrderedDict`` (older torch releases);
+* torch <= 2.2: ``torch.distributed._shard.sharded_tensor.metadata.{TensorProperties,
+  MEM_FORMAT_ENCODING}`` (what DCP used then), read as today's DCP classes (``LEGACY_GLOBALS``).
 
 Everything else raises :class:`UnsafeMetadataError` before it is resolved: no import, no
 attribute lookup, no call.
@@ -298,6 +300,17 @@ _STANDINS: dict[tuple[str, str], Any] = {
 }
 _DCP_STANDINS_BY_NAME = {name: obj for (module, name), obj in _STANDINS.items() if module.startswith(_DCP_PREFIX)}
 
+_LEGACY_MODULE = "torch.distributed._shard.sharded_tensor.metadata"
+#: Globals that DCP metadata written by torch <= 2.2 references, by the current DCP name they
+#: mean: DCP then reused the sharded-tensor module's ``TensorProperties`` (same fields, same
+#: ``(dtype, layout, requires_grad, encoding, pin_memory)`` pickled state) and its enum.
+#: They are read as today's DCP classes (torch mode) or the stand-ins (torch-free), so every
+#: reader sees one set of types; torch 2.13's ``dcp.load`` still reads such files.
+LEGACY_GLOBALS: dict[tuple[str, str], str] = {
+    (_LEGACY_MODULE, "TensorProperties"): "TensorProperties",
+    (_LEGACY_MODULE, "MEM_FORMAT_ENCODING"): "_MEM_FORMAT_ENCODING",
+}
+
 
 def _is_dcp_module(module: str) -> bool:
     return module == _DCP_PREFIX or module.startswith(_DCP_PREFIX + ".")
@@ -365,6 +378,8 @@ def _resolve_torch(module: str, name: str) -> Any | None:
 
     if not name.isidentifier():  # no dotted names: pickle would getattr along the chain
         return None
+    if (module, name) in LEGACY_GLOBALS:
+        return vars(sys.modules[_DCP_METADATA_MODULE])[LEGACY_GLOBALS[(module, name)]]
     if (module, name) in ALLOWED_GLOBALS:
         if module.startswith("pathlib") or module == "collections":
             return _resolve_stdlib(module, name)
@@ -397,6 +412,8 @@ def _resolve_standin(module: str, name: str) -> Any | None:
     stand-in here."""
     if not name.isidentifier():
         return None
+    if (module, name) in LEGACY_GLOBALS:
+        return _DCP_STANDINS_BY_NAME[LEGACY_GLOBALS[(module, name)]]
     if (module, name) in ALLOWED_GLOBALS:
         if module.startswith("pathlib") or module == "collections":
             return _resolve_stdlib(module, name)
@@ -506,8 +523,75 @@ def _read_bytes(path: AnyPath) -> bytes:
         raise MetadataError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
 
 
+#: DCP's per-rank metadata files: ``dcp.save(..., use_collectives=False)`` writes no global
+#: ``.metadata``; each rank writes ``__<rank>.metadata`` describing only what it saved.
+RANK_METADATA_RE = re.compile(r"^__(\d+)\.metadata$")
+
+
+def rank_metadata_files(trainer_dir: AnyPath | str) -> list[AnyPath]:
+    """The ``__<rank>.metadata`` files of a DCP directory saved without collectives, by rank
+    (empty for a normal DCP checkpoint, a missing directory or a file)."""
+    path = to_path(trainer_dir)
+    try:
+        names = [p.name for p in path.iterdir()] if path.is_dir() else []
+    except OSError:
+        return []
+    found = sorted((int(m.group(1)), n) for n in names if (m := RANK_METADATA_RE.match(n)))
+    return [path / n for _, n in found]
+
+
+def has_dcp_metadata(trainer_dir: AnyPath | str) -> bool:
+    """Whether ``trainer_dir`` holds DCP metadata: a global ``.metadata``, or per-rank
+    ``__<rank>.metadata`` files (``use_collectives=False``)."""
+    path = to_path(trainer_dir)
+    return (path / DCP_METADATA_FILE).is_file() or bool(rank_metadata_files(path))
+
+
+def merge_rank_metadata(parts: list[Any], where: AnyPath | str) -> Any:
+    """One :class:`Metadata` from per-rank ones (``dcp.save(..., use_collectives=False)``): the
+    union of the entries, each tensor's chunks once (a replicated tensor every rank saved keeps
+    rank 0's copy, as does a non-tensor value), and the union of ``storage_data`` (keys are
+    equal by name and chunk offset, as DCP's ``MetadataIndex``). The result reads as a whole
+    checkpoint: DCP's planners only look chunks up by offset.
+
+    Raises:
+        MetadataError: two ranks disagree on a tensor's global size or dtype, or on whether an
+            entry is a tensor (one line naming the entry).
+    """
+    merged = parts[0]
+    entries: dict[str, Any] = {}
+    storage: dict[Any, Any] = {}
+    for md in parts:
+        for fqn, entry in md.state_dict_metadata.items():
+            have = entries.get(fqn)
+            if have is None:
+                entries[fqn] = dataclasses.replace(entry, chunks=list(entry.chunks)) if is_tensor_entry(entry) else entry
+                continue
+            if is_tensor_entry(have) != is_tensor_entry(entry) or (
+                is_tensor_entry(entry)
+                and (tuple(have.size) != tuple(entry.size) or str(have.properties.dtype) != str(entry.properties.dtype))
+            ):
+                raise MetadataError(f"{where}: ranks disagree on entry {fqn!r} (size, dtype or kind)")
+            if is_tensor_entry(entry):
+                seen = {tuple(c.offsets) for c in have.chunks}
+                have.chunks.extend(c for c in entry.chunks if tuple(c.offsets) not in seen)
+        for key, info in (md.storage_data or {}).items():
+            storage.setdefault(key, info)
+    merged.state_dict_metadata = entries
+    merged.storage_data = storage
+    if isinstance(merged.planner_data, dict):
+        for md in parts[1:]:
+            for k, v in (md.planner_data or {}).items() if isinstance(md.planner_data, dict) else ():
+                merged.planner_data.setdefault(k, v)
+    return merged
+
+
 def read_dcp_metadata(trainer_dir: AnyPath | str, *, torch_free: bool | None = None) -> Metadata | TorchMetadata:
     """Read ``<trainer_dir>/.metadata`` through the restricted unpickler.
+
+    A directory saved with ``dcp.save(..., use_collectives=False)`` has no global ``.metadata``
+    but one ``__<rank>.metadata`` per rank: those are read the same way and merged
+    (:func:`merge_rank_metadata`).
 
     Args:
         trainer_dir: a DCP checkpoint directory (``checkpoints/step_<N>/trainer``), or the
@@ -525,7 +609,17 @@ def read_dcp_metadata(trainer_dir: AnyPath | str, *, torch_free: bool | None = N
             metadata. Messages are one line and start with the file's path.
     """
     path = metadata_path(trainer_dir)
-    return decode_metadata(_read_bytes(path), path, torch_free=torch_free)
+    try:
+        data = _read_bytes(path)
+    except MetadataError:
+        ranks = rank_metadata_files(path.parent) if path.name == DCP_METADATA_FILE else []
+        if not ranks:
+            raise
+        parts = [decode_metadata(_read_bytes(p), p, torch_free=torch_free) for p in ranks]
+        if len({type(p) for p in parts}) > 1:  # the default mode retried one file with torch
+            parts = [decode_metadata(_read_bytes(p), p, torch_free=False) for p in ranks]
+        return merge_rank_metadata(parts, path.parent)
+    return decode_metadata(data, path, torch_free=torch_free)
 
 
 # -- loading with torch -------------------------------------------------------------------------

@@ -38,13 +38,22 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from prime_ckpt.dcp_metadata import DTYPES, is_bytes_entry, is_tensor_entry, read_dcp_metadata
+from prime_ckpt.dcp_metadata import (
+    DTYPES,
+    has_dcp_metadata,
+    is_bytes_entry,
+    is_tensor_entry,
+    rank_metadata_files,
+    read_dcp_metadata,
+)
+from prime_ckpt.foreign import titan_folder, titan_step
 from prime_ckpt.layout import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
     DCP_METADATA_FILE,
     MODEL_FILE,
     ORCHESTRATOR_FILE,
+    SAFETENSORS_INDEX_FILE,
     SAVE_INFO_FILE,
     TRAINER_PART,
     WEIGHTS_DIR,
@@ -141,6 +150,9 @@ class TrainerPartInfo:
     non_tensors: list[BytesEntry] | None = None
     totals: dict[str, KeyTotals] | None = None
     total_bytes: int | None = None
+    #: ``[".metadata"]``, or the per-rank ``__<rank>.metadata`` files of a save without
+    #: collectives (``dcp.save(..., use_collectives=False)``), merged into one table
+    metadata_files: list[str] | None = None
 
 
 @dataclass
@@ -287,6 +299,49 @@ def _read_json(path: AnyPath, problems: list[str]) -> dict[str, Any] | None:
     return value
 
 
+def _is_int(v: Any, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _is_seconds(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 and v == v and v != float("inf")
+
+
+#: The fields of the trainer's ``save_info.json`` (:class:`prime_ckpt.trainer.SaveRecord`) that
+#: `inspect` and `list` show, with the rule each value must satisfy and its description.
+_SAVE_INFO_RULES: dict[str, tuple[Any, str]] = {
+    "step": (lambda v: _is_int(v, 0), "a step (int >= 0)"),
+    "mode": (lambda v: v in ("sync", "async"), '"sync" or "async"'),
+    "world_size": (lambda v: _is_int(v, 1), "a world size (int >= 1)"),
+    "async_level": (lambda v: _is_int(v, 0), "an async level (int >= 0)"),
+    "bytes": (lambda v: _is_int(v, 0), "bytes (int >= 0)"),
+    "total_bytes": (lambda v: _is_int(v, 0), "bytes (int >= 0)"),
+    **{k: (lambda v: v is None or _is_seconds(v), "seconds (a number >= 0)")
+       for k in ("wait_previous_s", "staging_s", "blocking_s", "upload_s", "total_s")},
+    "error": (lambda v: v is None or isinstance(v, str), "text or null"),
+    "run_id": (lambda v: v is None or isinstance(v, str), "text or null"),
+}  # fmt: skip
+
+
+def save_info_problems(info: dict[str, Any], where: AnyPath | str) -> list[str]:
+    """One line per field of a parsed ``save_info.json`` whose value has the wrong type or range
+    (pure; unknown fields are not judged). The values are still shown, with these lines."""
+    problems = []
+    for name, (ok, expected) in _SAVE_INFO_RULES.items():
+        if name in info and not ok(info[name]):
+            problems.append(f"{where}: field {name!r} is {info[name]!r} ({type(info[name]).__name__}), expected {expected}")
+    return problems
+
+
+def read_save_info(path: AnyPath, problems: list[str]) -> dict[str, Any] | None:
+    """A step's ``save_info.json`` (None when absent or unreadable, with a problem recorded), its
+    field values checked by :func:`save_info_problems`."""
+    info = _read_json(path, problems)
+    if info is not None:
+        problems += save_info_problems(info, path)
+    return info
+
+
 # -- trainer (DCP) --------------------------------------------------------------------------
 def describe_trainer_part(trainer_dir: AnyPath | str, name_filter: str | None = None) -> TrainerPartInfo:
     """Tensor table of a DCP directory from its ``.metadata`` alone.
@@ -297,8 +352,9 @@ def describe_trainer_part(trainer_dir: AnyPath | str, name_filter: str | None = 
     """
     trainer_dir = to_path(trainer_dir)
     refresh(trainer_dir / DCP_METADATA_FILE)
-    if not (trainer_dir / DCP_METADATA_FILE).is_file():
+    if not has_dcp_metadata(trainer_dir):
         return TrainerPartInfo(path=str(trainer_dir), complete=False)
+    per_rank = [p.name for p in rank_metadata_files(trainer_dir)] if not (trainer_dir / DCP_METADATA_FILE).is_file() else []
     md = read_dcp_metadata(trainer_dir)
     listed = _remote_entries(trainer_dir) if is_remote(trainer_dir) else {}
     storage = md.storage_data if isinstance(md.storage_data, dict) else {}
@@ -349,6 +405,7 @@ def describe_trainer_part(trainer_dir: AnyPath | str, name_filter: str | None = 
         non_tensors=non_tensors,
         totals=totals,
         total_bytes=sum(t.bytes for t in tensors),
+        metadata_files=per_rank or [DCP_METADATA_FILE],
     )
 
 
@@ -399,7 +456,7 @@ def describe_checkpoint_step(step_dir: AnyPath | str, name_filter: str | None = 
         complete=all(parts.get(p, False) for p in _run_parts(step_dir.parent.parent)),
         parts=parts,
         present=present,
-        save_info=_read_json(step_dir / SAVE_INFO_FILE, problems),
+        save_info=read_save_info(step_dir / SAVE_INFO_FILE, problems),
         orchestrator=orchestrator,
         trainer=trainer,
         filter=name_filter,
@@ -459,10 +516,21 @@ def describe_safetensors_file(file: AnyPath | str, name_filter: str | None = Non
     """A bare ``.safetensors`` file (any producer): its tensor table from the header, as for a
     weights step (``kind`` ``"safetensors_file"``, ``step`` None, ``complete`` = the header reads
     and the size matches it). Only the header is read."""
+    from prime_ckpt.foreign import sharding_info
+    from prime_ckpt.manifest import safetensors_header
+
     file = to_path(file)
     problems: list[str] = []
     size = file.stat().st_size
     tensors = _safetensors_tensors(file, size, name_filter, problems)
+    if tensors is None:  # the header does not read: nothing to show (exit 2, as unreadable .metadata)
+        raise InspectError(problems[0])
+    try:
+        if tensors is not None and sharding_info(safetensors_header(file)[0]) is not None:
+            problems.append(f"{file}: one rank's shard written by DCP's HuggingFaceStorageWriter (DCP_SHARDING_INFO): "
+                            "shapes are that rank's slices, not the model's")
+    except ValueError as e:
+        problems.append(f"{file}: {e}")
     return WeightsStepInfo(
         kind="safetensors_file",
         path=str(file),
@@ -509,6 +577,90 @@ def _safetensors_tensors(
         problems.append(f"{model}: unreadable safetensors header ({type(e).__name__}: {' '.join(str(e).split())})")
         return None
     return tensors
+
+
+def _shard_note(where: AnyPath) -> str:
+    return (f"{where}: rank shards written by DCP's HuggingFaceStorageWriter (save_distributed, not consolidated): "
+            "shapes are assembled from DCP_SHARDING_INFO; convert/diff need the consolidated model-*.safetensors")
+
+
+def describe_safetensors_dir(path: AnyPath | str, name_filter: str | None = None) -> WeightsStepInfo:
+    """A directory of safetensors files from any producer (kind ``"safetensors_dir"``, ``step``
+    None): an HF checkpoint (``model.safetensors`` or ``model-*-of-*.safetensors`` + index, e.g.
+    DCP's ``HuggingFaceStorageWriter`` consolidated, torchtitan's ``last_save_in_hf``), or the
+    per-rank ``shard-*`` files of an unconsolidated distributed HF-writer save, whose full shapes
+    are assembled from each header's ``DCP_SHARDING_INFO`` (:mod:`prime_ckpt.foreign`) and which
+    carries a problem saying it is not a model yet. ``complete``: every header reads and matches
+    its file's size. Only headers are read."""
+    from prime_ckpt.foreign import assembled_shapes, sharding_info
+    from prime_ckpt.manifest import safetensors_header
+
+    path = to_path(path)
+    problems: list[str] = []
+    try:
+        files = weights_files(path)
+    except ValueError as e:
+        files, problems = [], [str(e)]
+    listed = [{"name": f.name, "size": f.stat().st_size} for f in files if f.is_file()]
+    sizes = {f["name"]: f["size"] for f in listed}
+    headers, tensors = [], []
+    for f in files:
+        if f.name not in sizes:
+            problems.append(f"{f}: missing")
+            continue
+        try:
+            header, expected = safetensors_header(f)
+            shard = sharding_info(header) is not None
+        except ValueError as e:
+            problems.append(str(e) if str(e).startswith(str(f)) else f"{f}: {e}")
+            continue
+        if sizes[f.name] != expected:
+            problems.append(f"{f}: size {sizes[f.name]} != {expected} declared by its header (truncated?)")
+        if shard:
+            headers.append(header)
+        else:
+            tensors += _safetensors_tensors(f, sizes[f.name], name_filter, []) or []
+    complete = not problems
+    if headers:
+        problems.insert(0, _shard_note(path))
+        for name, shape in sorted(assembled_shapes(headers).items()):
+            if _matches(name, name_filter):
+                st = next(h[name]["dtype"] for h in headers if name in h)
+                dtype = DTYPES.get(SAFETENSORS_DTYPES.get(str(st), ""))
+                tensors.append(TensorEntry(name, shape, dtype_name(dtype) if dtype else str(st),
+                                           _numel(shape) * dtype.itemsize if dtype else 0,
+                                           sum(name in h for h in headers), sum(name in h for h in headers) > 1))
+    tensors.sort(key=lambda t: t.name)
+    return WeightsStepInfo(
+        kind="safetensors_dir",
+        path=str(path),
+        step=None,
+        complete=complete,
+        files=listed,
+        config=_read_json(path / CONFIG_FILE, problems) if (path / CONFIG_FILE).is_file() else None,
+        tensors=tensors,
+        total_bytes=sum(t.bytes for t in tensors),
+        filter=name_filter,
+        problems=problems,
+    )
+
+
+def describe_titan_folder(folder: AnyPath | str) -> RunListing:
+    """kind ``"torchtitan"``: a torchtitan checkpoint folder (``<dump>/checkpoint``), one row per
+    ``step-<N>`` (a DCP checkpoint; ``complete`` by :func:`prime_ckpt.layout.trainer_part_problem`,
+    the rule for this project's own trainer part). Read-only; nothing here is this project's."""
+    from prime_ckpt.foreign import titan_steps
+
+    folder = to_path(folder)
+    steps, problems = [], []
+    for n, p in titan_steps(folder):
+        why = trainer_part_problem(p)
+        steps.append(StepSummary(n, str(p), why is None, {"trainer": why is None}, ["trainer"]))
+        if why is not None:
+            problems.append(f"{p}: not complete: {why}")
+    complete = [s.step for s in steps if s.complete]
+    return RunListing(kind="torchtitan", path=str(folder), checkpoints=steps, weights=None,
+                      latest_complete_step=max(complete) if complete else None, problems=problems)
 
 
 # -- listings -------------------------------------------------------------------------------
@@ -603,15 +755,17 @@ def describe(path: AnyPath | str, name_filter: str | None = None) -> Description
         raise InspectError(f"{path}: not a directory ({_EXPECTED})")
     step = parse_step(path.name)
     parent = path.parent.name
-    if (path / DCP_METADATA_FILE).is_file() or (path.name == TRAINER_PART and parse_step(parent) is not None):
+    if has_dcp_metadata(path) or (path.name == TRAINER_PART and parse_step(parent) is not None):
         trainer = describe_trainer_part(path, name_filter)
         problems = [] if trainer.complete else [f"{path}: {DCP_METADATA_FILE} missing (save did not finish?)"]
-        if trainer.complete and not _storage_problems(trainer) and (why := trainer_part_problem(path)) is not None:
+        if trainer.complete and trainer.metadata_files == [DCP_METADATA_FILE] and not _storage_problems(trainer) and (
+            why := trainer_part_problem(path)
+        ) is not None:
             problems.append(f"{path}: {why}")  # the same completeness as `list` and resume
         return TrainerDirInfo(
             kind="trainer",
             path=str(path),
-            step=parse_step(parent),
+            step=parse_step(parent) if parse_step(parent) is not None else titan_step(path.name),
             trainer=trainer,
             filter=name_filter,
             problems=problems + _storage_problems(trainer),
@@ -626,6 +780,10 @@ def describe(path: AnyPath | str, name_filter: str | None = None) -> Description
         return _listing("weights", path, path.parent, checkpoints=False, weights=True)
     if (path / CHECKPOINTS_DIR).is_dir() or (path / WEIGHTS_DIR).is_dir():
         return _listing("run", path, path, checkpoints=True, weights=True)
+    if (folder := titan_folder(path)) is not None:
+        return describe_titan_folder(folder)
+    if (path / SAFETENSORS_INDEX_FILE).is_file() or any(path.glob("*.safetensors")):
+        return describe_safetensors_dir(path, name_filter)
     raise InspectError(f"{path}: not a checkpoint ({_EXPECTED})")
 
 
@@ -696,9 +854,30 @@ class RunTable:
     run: dict[str, Any] | None = None
     #: the directories under superseded/ (earlier runs' steps, set aside on entry)
     superseded: list[str] = field(default_factory=list)
+    #: ``"prime-ckpt"`` (this project's run output dir) or ``"torchtitan"`` (its
+    #: ``checkpoint/step-<N>`` folder, listed read-only: see :mod:`prime_ckpt.foreign`)
+    layout: str = "prime-ckpt"
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": LIST_SCHEMA, **asdict(self)}
+
+
+def _list_titan(folder: AnyPath) -> RunTable:
+    """:func:`list_run` of a torchtitan checkpoint folder (``layout`` ``"torchtitan"``): one row per
+    ``step-<N>``; resumable = complete (torchtitan resumes the highest step with ``.metadata``);
+    no weights, run record or retention (nothing here is this project's to plan or delete)."""
+    from prime_ckpt.storage import tree_size
+
+    listing = describe_titan_folder(folder)
+    rows = [
+        ListedCheckpoint(step=s.step, path=s.path, complete=s.complete, parts=dict(s.parts), present=list(s.present),
+                         bytes=tree_size(to_path(s.path)), manifest=False, progress=None, save_info=None,
+                         problems=[p for p in listing.problems if p.startswith(s.path + ":")], resumable=s.complete)
+        for s in listing.checkpoints or []
+    ]  # fmt: skip
+    return RunTable(path=str(folder), parts=["trainer"], latest_complete_step=listing.latest_complete_step,
+                    policy=None, checkpoints=rows, weights=[], ignored=[],
+                    latest_resumable_step=listing.latest_complete_step, layout="torchtitan")
 
 
 def list_run(output_dir: AnyPath | str, policy: Any = None, current_step: int | None = None) -> RunTable:
@@ -722,6 +901,8 @@ def list_run(output_dir: AnyPath | str, policy: Any = None, current_step: int | 
     if not path.is_dir():
         raise InspectError(f"{path}: not a directory (expected a run output dir)")
     root = path.parent if path.name in (CHECKPOINTS_DIR, WEIGHTS_DIR) else path
+    if not ((root / CHECKPOINTS_DIR).is_dir() or (root / WEIGHTS_DIR).is_dir()) and (folder := titan_folder(path)) is not None:
+        return _list_titan(folder)
     if not ((root / CHECKPOINTS_DIR).is_dir() or (root / WEIGHTS_DIR).is_dir()):
         raise InspectError(f"{path}: not a run output dir (no {CHECKPOINTS_DIR}/ or {WEIGHTS_DIR}/)")
     scanned = scan_checkpoints(root)
@@ -759,7 +940,7 @@ def list_run(output_dir: AnyPath | str, policy: Any = None, current_step: int | 
                 progress = {k: getattr(p, k) for k in ("step", "total_samples", "total_tokens", "total_problems")}
             except (ProgressRecordError, OSError) as e:
                 problems.append(str(e))
-        info = _read_json(c.path / SAVE_INFO_FILE, problems)
+        info = read_save_info(c.path / SAVE_INFO_FILE, problems)
         rows.append(
             ListedCheckpoint(
                 step=c.step,

@@ -1,6 +1,6 @@
 """On-disk layout of a run: paths, ``step_<N>`` parsing, inventory and completeness.
 
-Layout (see ``shared/DESIGN.md``)::
+Layout (see ``docs/DESIGN.md``)::
 
     <output_dir>/
     ├── checkpoints/step_<N>/trainer/         DCP dir: .metadata + __<rank>_<n>.distcp

@@ -464,7 +464,49 @@ def safetensors_header(path: AnyPath) -> tuple[dict[str, Any], int]:
         end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
     except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
         raise ValueError(f"{path}: not a safetensors file (unreadable header)") from None
+    if (why := header_problem(header)) is not None:
+        raise ValueError(f"{path}: not a valid safetensors file ({why})")
     return header, 8 + n + end
+
+
+def header_problem(header: dict[str, Any]) -> str | None:
+    """Why a parsed safetensors header is inconsistent, or None (pure; the rules the
+    ``safetensors`` library enforces when it opens a file, checked before it does so that a
+    bad file is one line naming the tensor): every entry has a dtype name, a shape of
+    non-negative ints, and ``data_offsets`` ``[begin, end]`` with ``end - begin`` = numel x
+    element size (for the dtypes :data:`prime_ckpt.inspection.SAFETENSORS_DTYPES` knows); the entries, in offset order, tile the data from byte 0 with no gap or overlap.
+    """
+    from prime_ckpt.dcp_metadata import DTYPES
+    from prime_ckpt.inspection import SAFETENSORS_DTYPES
+
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict):
+            return f"tensor {name!r}: not an object"
+        shape, offsets, dtype = entry.get("shape"), entry.get("data_offsets"), entry.get("dtype")
+        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+            return f"tensor {name!r}: shape {shape!r} is not a list of non-negative ints"
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            return f"tensor {name!r}: data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end"
+        if not isinstance(dtype, str):
+            return f"tensor {name!r}: dtype {dtype!r} is not a string"
+        stand_in = DTYPES.get(SAFETENSORS_DTYPES.get(dtype, ""))  # None: a dtype newer than this table
+        numel = 1
+        for s in shape:
+            numel *= s
+        if stand_in is not None and offsets[1] - offsets[0] != numel * stand_in.itemsize:
+            return (f"tensor {name!r}: data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes, "
+                    f"but shape {shape} {dtype} needs {numel * stand_in.itemsize}")
+        spans.append((offsets[0], offsets[1], name))
+    at = 0
+    for begin, end, name in sorted(spans):
+        if begin != at:
+            return f"tensor {name!r}: data_offsets start at {begin}, expected {at} ({'overlap' if begin < at else 'gap'})"
+        at = end
+    return None
 
 
 def _check_weights(step_dir: AnyPath, problems: list[str]) -> None:

@@ -339,6 +339,11 @@ def plan_output_dir(
         what = "a file, not a run output dir" if layout.output_dir.exists() else "no such directory"
         raise FileNotFoundError(f"{layout.output_dir}: {what}")
     if not (layout.checkpoints_dir.is_dir() or layout.weights_dir.is_dir()):
+        from prime_ckpt.foreign import titan_folder
+
+        if titan_folder(layout.output_dir) is not None:  # never plan (or prune) another tool's steps
+            raise FileNotFoundError(f"{layout.output_dir}: a torchtitan checkpoint folder (step-<N> dirs), not this "
+                                    "project's run output dir: never planned or pruned here")
         raise FileNotFoundError(f"{layout.output_dir}: not a run output dir (no checkpoints/ or weights/)")
     inventory = scan_inventory(layout.output_dir)
     if detect:

@@ -277,3 +277,93 @@ def test_inspect_of_a_step_agrees_with_list_on_completeness(tmp_path, good):
     r = runner.invoke(app, ["inspect", str(step / "trainer")])
     assert "INCOMPLETE" in r.stdout and "truncated" in r.stderr, r.output
     assert json.loads(runner.invoke(app, ["inspect", str(step), "--json"]).stdout)["parts"]["trainer"] is False
+
+
+def _crafted_safetensors(path: Path, header: dict, data: bytes) -> Path:
+    import struct
+
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return path
+
+
+_F32x4 = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}
+
+
+@pytest.mark.parametrize(
+    "header, words",
+    [
+        ({"w": {**_F32x4, "data_offsets": [0, 64]}}, "hold 64 bytes, but shape [4] F32 needs 16"),  # offsets past the end
+        ({"w": {**_F32x4, "shape": [40]}}, "needs 160"),  # shape larger than its bytes
+        ({"w": _F32x4, "v": _F32x4}, "(overlap)"),
+        ({"w": {**_F32x4, "shape": [-4]}}, "not a list of non-negative ints"),
+        ({"w": {**_F32x4, "data_offsets": [4, 20]}}, "(gap)"),
+    ],
+)
+def test_an_inconsistent_safetensors_header_is_one_line_everywhere(tmp_path, header, words):
+    """#16 item 7: data_offsets / shapes that do not match are named (tensor and rule), exit 2,
+    for convert, diff --values and inspect, before the safetensors library sees the file."""
+    import torch
+    from safetensors.torch import save_file
+
+    bad = _crafted_safetensors(tmp_path / "bad.safetensors", header, bytes(16))
+    good = tmp_path / "good.safetensors"
+    save_file({"w": torch.arange(4.0)}, str(good))
+    for args in (["convert", str(bad), str(tmp_path / "out.safetensors"), "--to", "safetensors"],
+                 ["diff", str(bad), str(good), "--values"], ["diff", str(good), str(bad), "--values"],
+                 ["inspect", str(bad)]):  # fmt: skip
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2, (args, r.output)
+        assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith(f"error: {bad}: not a valid safetensors file (tensor '"), r.output
+        assert words in r.stderr and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_convert_output_under_a_file_or_unwritable_dir_is_one_line(tmp_path, monkeypatch):
+    """#16 item 7: an OUT below a file, or in a directory this process may not write, is named
+    in one line (exit 2) before anything is read or written (not 'File exists' / a temp name)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from prime_ckpt import convert
+
+    src = tmp_path / "m.safetensors"
+    save_file({"w": torch.arange(4.0)}, str(src))
+    (tmp_path / "afile").write_text("x")
+    for out, args in ((tmp_path / "afile" / "x.safetensors", ["--to", "safetensors"]), (tmp_path / "afile" / "out", ["--to", "safetensors"])):
+        r = runner.invoke(app, ["convert", str(src), str(out), *args])
+        assert r.exit_code == 2 and r.stderr.splitlines() == [f"error: {out}{'/model.safetensors' if out.name == 'out' else ''}: {tmp_path / 'afile'} is a file, not a directory"], r.output
+    r = runner.invoke(app, ["convert", str(src), str(tmp_path / "afile"), "--to", "safetensors"])  # an existing file is a file
+    assert r.exit_code == 2 and "already exists (use --force" in r.stderr, r.output
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(convert.os, "access", lambda p, mode: False if Path(p) == ro else real_access(p, mode))  # root ignores 0555
+    r = runner.invoke(app, ["convert", str(src), str(ro / "x.safetensors"), "--to", "safetensors"])
+    assert r.exit_code == 2 and r.stderr.splitlines() == [f"error: {ro / 'x.safetensors'}: {ro} is not writable (permission denied); choose another OUT"], r.output
+    assert list(ro.iterdir()) == [] and (tmp_path / "afile").read_text() == "x"
+
+
+def test_save_info_values_are_checked_and_shown_in_units(tmp_path):
+    """#16 item 7: save_info.json values of the wrong type are named (field, value, expected) by
+    inspect and list, not shown raw without comment; good values are shown in units."""
+    from tests.marks import write_orchestrator_mark, write_trainer_mark
+
+    step = tmp_path / "run" / "checkpoints" / "step_2"
+    write_trainer_mark(step / "trainer")
+    write_orchestrator_mark(step / "orchestrator.pt", 2)
+    (step / "save_info.json").write_text(json.dumps(
+        {"step": 2, "mode": "async", "world_size": "lots", "blocking_s": -1, "total_s": 1.23456, "total_bytes": 3 * 2**20}))
+    r = runner.invoke(app, ["inspect", str(step)])
+    assert r.exit_code == 0, r.output
+    warnings = [line for line in r.stderr.splitlines() if "save_info.json" in line]
+    assert warnings == [
+        f"warning: {step / 'save_info.json'}: field 'world_size' is 'lots' (str), expected a world size (int >= 1)",
+        f"warning: {step / 'save_info.json'}: field 'blocking_s' is -1 (int), expected seconds (a number >= 0)",
+    ], r.output
+    assert "total_s=1.235 s" in r.stdout and "total_bytes=3.0 MiB" in r.stdout, r.stdout
+    table = json.loads(runner.invoke(app, ["list", str(tmp_path / "run"), "--json"]).stdout)
+    assert any("'world_size' is 'lots'" in p for p in table["checkpoints"][0]["problems"])
+    (step / "save_info.json").write_text(json.dumps({"step": 2, "mode": "sync", "world_size": 2, "blocking_s": 0.5}))
+    r = runner.invoke(app, ["inspect", str(step)])
+    assert r.exit_code == 0 and "save_info.json" not in r.stderr and "blocking_s=0.500 s" in r.stdout, r.output

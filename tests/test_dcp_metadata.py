@@ -365,3 +365,57 @@ def test_a_upath_global_runs_nothing(tmp_path):
     with pytest.raises(MetadataError, match="not DCP metadata"):
         decode_metadata(data, tmp_path / ".metadata")
     assert PathRecord("/etc", "passwd") == "/etc/passwd"
+
+
+def _as_torch_2_2(md):
+    """``md`` as torch <= 2.2's DCP pickled it: ``TensorProperties`` (and its memory-format enum)
+    from ``torch.distributed._shard.sharded_tensor.metadata``, no ``storage_meta`` / ``version``
+    on ``Metadata``, no ``transform_descriptors`` on ``_StorageInfo`` (the fields those releases
+    did not have; a dataclass pickles its ``__dict__``, so dropping them drops them from the file)."""
+    from torch.distributed._shard.sharded_tensor.metadata import TensorProperties as Legacy
+
+    for entry in md.state_dict_metadata.values():
+        if is_tensor_entry(entry):
+            p = entry.properties
+            entry.properties = Legacy(p.dtype, p.layout, p.requires_grad, p.memory_format, p.pin_memory)
+    for info in md.storage_data.values():
+        info.__dict__.pop("transform_descriptors", None)
+    md.__dict__.pop("storage_meta", None)
+    md.__dict__.pop("version", None)
+    return md
+
+
+@pytest.mark.parametrize("torch_free", [True, False])
+def test_metadata_from_torch_2_2_is_read(tmp_path, real_dcp, torch_free):
+    """#16 item 3: a .metadata in torch <= 2.2's shape (which torch 2.13's own dcp.load still
+    reads) is read by ours in both modes, and inspect / convert show the same tensors."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from prime_ckpt.cli import app
+
+    old = tmp_path / "old"
+    shutil.copytree(real_dcp, old)
+    md = _as_torch_2_2(FileSystemReader(str(real_dcp)).read_metadata())
+    (old / ".metadata").write_bytes(pickle.dumps(md))
+    legacy = "torch.distributed._shard.sharded_tensor.metadata"
+    assert {g for g in _globals_of(old / ".metadata") if g[0] == legacy} == {(legacy, "TensorProperties"), (legacy, "MEM_FORMAT_ENCODING")}
+
+    # torch's own reader still loads it: the values are the reference
+    ref = {"w": torch.empty(4, 3), "h": torch.empty(5, dtype=torch.bfloat16), "meta": {"step": 0, "name": "", "lrs": []}}
+    dcp.load(ref, checkpoint_id=str(old), no_dist=True)
+
+    ours = read_dcp_metadata(old, torch_free=torch_free)
+    new = read_dcp_metadata(real_dcp, torch_free=torch_free)
+    assert {k: (tuple(v.size), str(v.properties.dtype)) for k, v in ours.state_dict_metadata.items() if is_tensor_entry(v)} == {
+        k: (tuple(v.size), str(v.properties.dtype)) for k, v in new.state_dict_metadata.items() if is_tensor_entry(v)
+    }
+    assert str(ours.state_dict_metadata["w"].properties.memory_format) == "torch.contiguous_format"
+    r = CliRunner().invoke(app, ["inspect", str(old), "--json"])
+    assert r.exit_code == 0, r.output
+    assert {t["name"] for t in json.loads(r.stdout)["trainer"]["tensors"]} == {"w", "h", "n", "b"}
+    r = CliRunner().invoke(app, ["convert", str(old), str(tmp_path / "old.pt"), "--to", "torch-save"])
+    assert r.exit_code == 0, r.output
+    out = torch.load(tmp_path / "old.pt", weights_only=True)
+    assert torch.equal(out["w"], ref["w"]) and torch.equal(out["h"], ref["h"]) and out["meta"] == ref["meta"]

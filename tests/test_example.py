@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -95,6 +96,19 @@ def test_route_splits_flags():
         route(["--bogus", "1"])
 
 
+def test_trainer_fsdp_setup_warns_nothing_and_matches_an_unsharded_step(run_ranks):
+    """The trainer's FSDP2 setup (``shard_model``) on 2 ranks: a policy-gradient step records no
+    warning at all (FSDP2's "returned a view tensor ... wrong gradients" printed once per rank is
+    what a root returning a view gives) and its gradients equal an unsharded step's over the whole
+    batch. The script's probe, a root that does return a view, shows the recording sees it."""
+    out = run_ranks("example_fsdp.py", nproc=2, timeout=180).stdout
+    [line] = [x for x in out.splitlines() if x.startswith("RESULT ")]
+    result = json.loads(line.removeprefix("RESULT "))
+    assert result["example"] == [], result["example"]
+    assert len([w for w in result["probe"] if "returned a view tensor" in w]) == 2, result["probe"]
+    assert result["max_grad_diff"] < 1e-5, result["max_grad_diff"]
+
+
 # -- the real launcher --------------------------------------------------------------------------
 def test_launcher_run_writes_complete_checkpoints_and_weights(tmp_path):
     out = tmp_path / "run"
@@ -108,6 +122,10 @@ def test_launcher_run_writes_complete_checkpoints_and_weights(tmp_path):
     weights = scan_weights(out)
     assert [w.step for w in weights] == list(range(7)) and all(w.complete for w in weights)
     assert (tmp_path / "wandb").is_dir()  # offline W&B run of the trainer
+    # the trainer's W&B run id, printed once at start (the orchestrator has W&B off here)
+    [(program, run_id)] = re.findall(r"^(\w+): W&B run id (\w+) \(project prime-ckpt-test, offline; ", r.stdout, re.MULTILINE)
+    assert program == "trainer" and (out / "wandb" / "trainer.id").read_text() == f"{run_id}\n"
+    assert "view tensor" not in r.stdout, r.stdout  # FSDP2's warning (stderr is in r.stdout)
     # weights/step_N is what an inference engine loads: the HF model and the tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -254,3 +272,5 @@ def test_the_spec_commands_as_written(tmp_path):
     assert "rl: resuming from checkpoint step 6" in r.stdout and sorted(losses(r.stdout)) == [7, 8]
     runs = {p.name.split("-", 3)[-1] for p in (tmp_path / "wandb").glob("offline-run-*")}
     assert runs == {"trainer-run-1", "orch-run-1"}, runs
+    printed = re.findall(r"^(trainer|orchestrator): W&B run id (\S+) ", r.stdout, re.MULTILINE)
+    assert sorted(printed) == [("orchestrator", "orch-run-1"), ("trainer", "trainer-run-1")], printed

@@ -1,5 +1,5 @@
 """Bits the trainer, orchestrator and launcher share: the rollouts hand-off, waits that give up,
-and dying with the parent process."""
+dying with the parent process, and starting a W&B run whose id a resume can find."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,6 +20,7 @@ from prime_ckpt.layout import step_dirname
 from prime_ckpt.storage import atomic_write_bytes
 
 ROLLOUTS_DIR = "rollouts"
+WANDB_IDS_DIR = "wandb"
 
 
 def rollouts_path(output_dir: Path | str, step: int) -> Path:
@@ -112,3 +114,32 @@ def whole_lines() -> None:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(line_buffering=True, write_through=False)
+
+
+def wandb_id_path(output_dir: Path | str, program: str) -> Path:
+    """``<output_dir>/wandb/<program>.id``: the id of the W&B run ``program`` logs to (one line),
+    what ``--monitor.wandb.id`` takes to continue that run on a resume."""
+    return Path(output_dir) / WANDB_IDS_DIR / f"{program}.id"
+
+
+def start_wandb(program: str, output_dir: Path | str, monitor: Any, config: dict) -> Any:
+    """Start (or, with ``--monitor.wandb.id``, continue) the W&B run of ``program``; None when
+    ``--monitor.wandb.project`` is unset.
+
+    Prints the run id on one line (``trainer: W&B run id ...``) and writes it to
+    :func:`wandb_id_path`, so a resume can pass it back: the id W&B actually uses, whether it
+    was given or generated. Metrics are plotted against ``progress/step``.
+    """
+    w = monitor.wandb
+    if w.project is None:
+        return None
+    import wandb
+
+    run = wandb.init(project=w.project, id=w.id, name=w.name, mode=w.mode, resume="allow", config=config, job_type=program)
+    run.define_metric("progress/step")
+    run.define_metric("*", step_metric="progress/step")
+    path = wandb_id_path(output_dir, program)
+    atomic_write_bytes(path, f"{run.id}\n".encode())
+    mode = "offline" if run.offline else "online"
+    print(f"{program}: W&B run id {run.id} (project {run.project}, {mode}; written to {path})", flush=True)
+    return run

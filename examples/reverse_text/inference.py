@@ -31,7 +31,7 @@ from examples.reverse_text.task import ALLOWED_TOKENS, build_tokenizer
 ROOT = Path(__file__).resolve().parents[2]
 SERVED_NAME = "reverse-text"
 
-#: The environment vLLM runs best with on a CPU-only machine (``shared/notes/vllm-cpu.md``).
+#: The environment vLLM runs best with on a CPU-only machine (``docs/vllm-cpu.md``).
 VLLM_CPU_ENV = {
     "OMP_NUM_THREADS": "1",
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",

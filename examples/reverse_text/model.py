@@ -91,6 +91,17 @@ def build_model(cfg: ModelConfig, seed: int = 0) -> nn.Module:
     return model
 
 
+def shard_model(model: nn.Module, mesh) -> nn.Module:
+    """FSDP2 (``fully_shard``) over the 1-D ``mesh``: each decoder layer, then the root (the
+    embeddings, the final norm and ``lm_head``). In place; returns ``model``."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
 def logits_of(model: nn.Module, tokens: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
     """Logits ``[B, T, vocab]`` for left-padded ``tokens [B, T]`` (``attn_mask`` 1 = real)."""
     pos = (attn_mask.long().cumsum(-1) - 1).clamp(min=0)

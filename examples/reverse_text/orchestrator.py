@@ -25,6 +25,7 @@ from pydantic import Field, model_validator
 from examples.reverse_text.common import (
     die_with_parent,
     set_deterministic_threads,
+    start_wandb,
     whole_lines,
     write_rollouts,
 )
@@ -117,15 +118,8 @@ def main(argv: list[str] | None = None) -> None:
         progress = OrchestratorProgress(step=0)
         print("orchestrator: fresh start", flush=True)
 
-    run = None
-    if cfg.monitor.wandb.project is not None:
-        import wandb
-
-        w = cfg.monitor.wandb
-        run = wandb.init(project=w.project, id=w.id, name=w.name, mode=w.mode, resume="allow",
-                         config=cfg.model_dump(mode="json"), job_type="orchestrator")
-        run.define_metric("progress/step")
-        run.define_metric("*", step_metric="progress/step")
+    # the run id is printed and written to <output_dir>/wandb/orchestrator.id (for a resume)
+    run = start_wandb("orchestrator", cfg.output_dir, cfg.monitor, cfg.model_dump(mode="json"))
 
     layout = RunLayout(cfg.output_dir)
     if cfg.inference.backend == "server":

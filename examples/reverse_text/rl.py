@@ -4,7 +4,12 @@
         --trainer @ examples/configs/reverse_text/train.toml \\
         --orchestrator @ examples/configs/reverse_text/orch.toml \\
         --ckpt.interval 10 --ckpt.resume-step -1 \\
-        --trainer.monitor.wandb.id X --orchestrator.monitor.wandb.id Y
+        --trainer.monitor.wandb.project rt --trainer.monitor.wandb.id "$(cat outputs/reverse_text/wandb/trainer.id)" \\
+        --orchestrator.monitor.wandb.project rt --orchestrator.monitor.wandb.id "$(cat outputs/reverse_text/wandb/orchestrator.id)"
+
+W&B: with ``--*.monitor.wandb.project``, each program prints the id of its W&B run at start and
+writes it to ``<output_dir>/wandb/<program>.id``; passing the ids back, as above, continues the
+same two runs on a resume (without them a resume starts new runs).
 
 Routing: ``--ckpt``/``--ckpt.*``, ``--model.*`` and ``--output-dir``, ``--max-steps``,
 ``--async-level``, ``--seed`` go to both programs; ``--trainer.*`` / ``--orchestrator.*`` go to

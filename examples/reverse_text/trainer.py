@@ -27,6 +27,7 @@ from examples.reverse_text.common import (
     read_rollouts,
     rollouts_path,
     set_deterministic_threads,
+    start_wandb,
     wait_for_file,
     whole_lines,
 )
@@ -35,6 +36,7 @@ from examples.reverse_text.model import (
     build_model,
     completion_logprobs,
     left_pad,
+    shard_model,
 )
 from examples.reverse_text.task import EOS, PAD, build_tokenizer, encode, prompt_tokens, sample_problems
 from prime_ckpt.config import CheckpointConfig, CliSettings, MonitorConfig, WeightsConfig, cli_entry
@@ -146,21 +148,6 @@ def warm_start(model: torch.nn.Module, steps: int, seed: int, lr: float = 3e-3, 
         opt.step()
 
 
-def _wandb_init(cfg: TrainerConfig, name: str):
-    w = cfg.monitor.wandb
-    if w.project is None:
-        return None
-    import wandb
-
-    run = wandb.init(
-        project=w.project, id=w.id, name=w.name, mode=w.mode, resume="allow",
-        config=cfg.model_dump(mode="json"), job_type=name,
-    )
-    run.define_metric("progress/step")
-    run.define_metric("*", step_metric="progress/step")
-    return run
-
-
 def _ckpt_metrics(checkpointer: Checkpointer | None, logged: set[tuple[str, int]]) -> dict[str, float]:
     """W&B fields of the checkpoint saves, each logged once: a save's blocking / staging time
     and bytes when ``save()`` returned, its upload and total time once it is durable (an async
@@ -199,7 +186,6 @@ def main(argv: list[str] | None = None) -> None:
     log = print if rank == 0 else (lambda *a, **k: None)
 
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     # Retention (--ckpt.keep) pins weights [x - async_level, x] for every kept checkpoint x.
     checkpointer = (
@@ -208,15 +194,14 @@ def main(argv: list[str] | None = None) -> None:
         else None
     )
     resume = checkpointer.resume_step() if checkpointer is not None else None
+    # rank 0 logs; the run id is printed and written to <output_dir>/wandb/trainer.id (for a resume)
+    run = start_wandb("trainer", cfg.output_dir, cfg.monitor, cfg.model_dump(mode="json")) if rank == 0 else None
 
     model = build_model(cfg.model, seed=cfg.seed)
     if resume is None:
         warm_start(model, cfg.warm_start_steps, cfg.seed)
     model.to(device)
-    mesh = init_device_mesh(device.type, (world,))
-    for layer in model.model.layers:  # FSDP2 per decoder layer, then the root
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    shard_model(model, init_device_mesh(device.type, (world,)))
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     warmup = cfg.warmup_steps
@@ -251,7 +236,6 @@ def main(argv: list[str] | None = None) -> None:
         publisher.publish(0, model)
         log(f"trainer: fresh start, world size {world}, wrote weights/step_0", flush=True)
 
-    run = _wandb_init(cfg, "trainer") if rank == 0 else None
     logged_saves: set[tuple[str, int]] = set()  # ("saved" | "durable", step) already sent to W&B
     saved_at, stopped = resume, False
     for n in range(progress.step + 1, cfg.max_steps + 1):
