@@ -74,3 +74,10 @@ class ProgressMismatchError(PrimeCkptError):
     def __init__(self, message: str, *, step: int | None = None, field: str | None = None, values: dict[int, int] | None = None) -> None:
         super().__init__(message)
         self.step, self.field, self.values = step, field, dict(values or {})
+
+
+class PostCommitError(PrimeCkptError):
+    """The work after a commit (save record, manifest, retention) failed for several saves in a
+    row (``prime_ckpt.trainer.POST_COMMIT_FAILURE_LIMIT``); raised by the next ``save()`` on every
+    rank, before anything is written. The committed checkpoints themselves are whole; what stops
+    is pruning (the disk would fill) and verification records."""

@@ -554,9 +554,13 @@ def missing_weights(step: int, async_level: int, weights: Iterable[WeightsStep])
     return [s for s in weights_window(step, async_level) if s not in done]
 
 
-def latest_complete_step(output_dir: AnyPath | str, parts: tuple[str, ...] = RUN_PARTS) -> int | None:
-    """The highest step whose every part in ``parts`` is complete, or ``None``."""
-    complete = [c.step for c in scan_checkpoints(output_dir) if c.complete(parts)]
+def latest_complete_step(output_dir: AnyPath | str, parts: tuple[str, ...] | None = None) -> int | None:
+    """The highest step whose every part in ``parts`` is complete, or ``None``. ``parts`` None:
+    the parts the run writes, judged from disk (:func:`detect_parts`; a trainer-only run needs
+    only ``trainer``), the one default of every function that takes ``parts``."""
+    steps = scan_checkpoints(output_dir)
+    parts = detect_parts(steps) if parts is None else parts
+    complete = [c.step for c in steps if c.complete(parts)]
     return max(complete) if complete else None
 
 
@@ -589,7 +593,7 @@ def _why_not_resumable(c: CheckpointStep, parts: tuple[str, ...], k: int, weight
 def resolve_resume_step(
     output_dir: AnyPath | str,
     resume_step: int | None,
-    parts: tuple[str, ...] = RUN_PARTS,
+    parts: tuple[str, ...] | None = None,
     *,
     async_level: int | None = None,
 ) -> int | None:
@@ -603,7 +607,9 @@ def resolve_resume_step(
     * ``N >= 0``: N itself, if it is resumable.
 
     ``async_level`` is k; each step needs at least the k its run recorded (``save_info.json``);
-    ``None`` takes the recorded one, else 0.
+    ``None`` takes the recorded one, else 0. ``parts`` None: the parts the run writes, judged
+    from disk (:func:`detect_parts`); a program that knows its run writes both should pass
+    :data:`RUN_PARTS`, so that a step missing the orchestrator's record is never resumed.
 
     Raises:
         NotResumableError (a ``FileNotFoundError``; ``CheckpointNotFoundError`` is its alias):
@@ -617,6 +623,7 @@ def resolve_resume_step(
         raise ValueError(f"--ckpt.resume-step must be -1 (latest) or a step >= 0, got {resume_step}")
     steps = scan_checkpoints(output_dir)
     weights = scan_weights(output_dir)
+    parts = detect_parts(steps) if parts is None else parts
 
     def level(c: CheckpointStep) -> int:
         # the larger of the given and the recorded level: a step needs at least the weights its
@@ -666,6 +673,6 @@ def scan_inventory(output_dir: AnyPath | str) -> Inventory:
 def detect_parts(checkpoints: Iterable[CheckpointStep]) -> tuple[str, ...]:
     """The parts a run writes, judged from what is on disk: ``("trainer", "orchestrator")`` if
     any step holds an orchestrator record, else ``("trainer",)`` (a trainer-only run)."""
-    if any(ORCHESTRATOR_PART in c.present for c in checkpoints):
+    if any(ORCHESTRATOR_PART in c.present or c.parts.get(ORCHESTRATOR_PART) for c in checkpoints):
         return RUN_PARTS
     return (TRAINER_PART,)

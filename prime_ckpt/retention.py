@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from prime_ckpt.layout import RUN_PARTS, Inventory, missing_weights
+from prime_ckpt.layout import Inventory, detect_parts, missing_weights
 from prime_ckpt.storage import AnyPath, remove_tree
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,9 @@ class RetentionPolicy:
             is pinned.
         consumer_step: the last weights step the consumer (orchestrator / inference) acknowledged
             loading; steps >= it are kept. None: unknown.
-        parts: the parts a checkpoint step must have to count as complete.
+        parts: the parts a checkpoint step must have to count as complete; None (the default,
+            as everywhere ``parts`` is taken): the parts the run writes, judged from the
+            inventory (:func:`prime_ckpt.layout.detect_parts`).
 
     Raises:
         RetentionConfigError: ``keep < 1``, ``keep_interval < 1``, ``async_level < 0``,
@@ -118,7 +120,7 @@ class RetentionPolicy:
     async_level: int = 0
     weights_interval: int | None = None
     consumer_step: int | None = None
-    parts: tuple[str, ...] = RUN_PARTS
+    parts: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.keep is not None and self.keep < 1:
@@ -196,9 +198,10 @@ def plan(
         all_steps = [c.step for c in ckpts] + [w.step for w in weights] + list(in_flight_set)
         current_step = max(all_steps) if all_steps else 0
     k = policy.async_level
+    parts = detect_parts(ckpts) if policy.parts is None else policy.parts
 
     def complete(c) -> bool:
-        return c.complete(policy.parts) and c.step not in in_flight_set
+        return c.complete(parts) and c.step not in in_flight_set
 
     ours = [c for c in ckpts if c.step <= current_step and c.foreign is None]
     complete_steps = sorted((c.step for c in ours if complete(c)), reverse=True)

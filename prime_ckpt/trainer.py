@@ -58,6 +58,7 @@ from prime_ckpt.errors import (
     CheckpointLoadError,
     IncompleteCheckpointError,
     NotResumableError,
+    PostCommitError,
     PrimeCkptError,
     ProgressMismatchError,
     RunLeaseError,
@@ -409,6 +410,8 @@ class SaveRecord:
             the run's own rule instead of a default.
         error: the error text if the save failed.
         run_id: the run that saved it (``run.json``; None when the Checkpointer did not enter).
+        post_commit_error: what failed after the commit (save record, manifest, retention; rank
+            0, background), one line, else None.
     """
 
     step: int
@@ -425,6 +428,16 @@ class SaveRecord:
     error: str | None = None
     run_id: str | None = None
     started_at: float = field(default_factory=time.time)
+    post_commit_error: str | None = None
+
+
+#: Consecutive saves whose post-commit work (save record, manifest, retention) failed before the
+#: next ``save()`` raises :class:`PostCommitError`. One failure can be transient (an object-store
+#: request that timed out, a file briefly held open); the next save's job retries everything, as
+#: retention plans the whole directory each time. Three in a row is a persistent fault: pruning
+#: has not run for three intervals, so the disk holds at most three checkpoints beyond ``keep``,
+#: and the user learns of it well before it fills.
+POST_COMMIT_FAILURE_LIMIT = 3
 
 
 def _has_files(directory) -> bool:
@@ -521,6 +534,8 @@ class Checkpointer:
         # Rank 0's post-commit work (save record, manifest, retention) runs on one background
         # thread, in commit order, so neither hashing nor deleting ever blocks the training loop.
         self._post_commit: ThreadPoolExecutor | None = None
+        #: rank 0: one line per consecutive save whose post-commit work failed (reset on success)
+        self._post_commit_failures: list[str] = []
         if config.keep is not None:
             self.retention = RetentionPolicy(
                 keep=config.keep,
@@ -614,17 +629,29 @@ class Checkpointer:
         Failures are logged, never raised: the checkpoint itself is already committed (and on
         object storage a failure may come from the client library, not as an ``OSError``)."""
         step_dir = self.layout.step_dir(record.step)
+        errors = []
         try:
             record.total_bytes = tree_size(self.layout.trainer_dir(record.step))
             atomic_write_bytes(step_dir / SAVE_INFO_FILE, json.dumps(asdict(record), indent=2).encode())
             write_manifest(step_dir)
         except Exception as e:
             logger.warning("%s: could not write the save record or manifest: %s", step_dir, e)
+            errors.append(f"save record/manifest: {one_line(e)}")
         if self.retention is not None:
             try:
                 apply_plan(self._plan(record.step, frozenset()))
             except Exception as e:
                 logger.warning("retention after step %d failed: %s", record.step, e)
+                errors.append(f"retention: {one_line(e)}")
+        if not errors:
+            self._post_commit_failures = []
+            return
+        record.post_commit_error = "; ".join(errors)
+        self._post_commit_failures.append(f"step {record.step}: {record.post_commit_error}")
+        try:  # the record says what failed, where it can still be written
+            atomic_write_bytes(step_dir / SAVE_INFO_FILE, json.dumps(asdict(record), indent=2).encode())
+        except Exception:
+            pass
 
     # -- policy -----------------------------------------------------------------------------
     def should_save(self, step: int) -> bool:
@@ -765,9 +792,15 @@ class Checkpointer:
         # collective, which follows this one.
         verdict: list[Any] = [None]
         if _rank() == 0:
+            failures = list(self._post_commit_failures)
             try:
-                refused = self._clear_way(step, trainer_dir, overwrite)
-                verdict[0] = ("exists", refused) if refused else None
+                if len(failures) >= POST_COMMIT_FAILURE_LIMIT:
+                    verdict[0] = ("post_commit", f"{self.layout.output_dir}: the work after the commit failed for the last "
+                                  f"{len(failures)} saves (limit {POST_COMMIT_FAILURE_LIMIT}; checkpoints are whole, but retention "
+                                  f"and manifests stopped): {failures[-1]}")
+                else:
+                    refused = self._clear_way(step, trainer_dir, overwrite)
+                    verdict[0] = ("exists", refused) if refused else None
             except Exception as e:
                 verdict[0] = ("error", one_line(e))
         if self._pg is not None:
@@ -776,6 +809,8 @@ class Checkpointer:
             kind, text = verdict[0]
             if kind == "exists":
                 raise StepExistsError(text)
+            if kind == "post_commit":
+                raise PostCommitError(text)
             raise CheckpointSaveError(step, trainer_dir, {0: text})
         record = SaveRecord(step=step, mode="async" if self.config.save_async else "sync", world_size=_world_size(),
                             async_level=self.async_level, run_id=self.run_id)

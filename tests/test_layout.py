@@ -102,3 +102,27 @@ def test_scan_weights(tmp_path):
             (d / "COMPLETE").write_bytes(b"")
     (layout.weights_dir / "tmp").mkdir()
     assert [(w.step, w.complete) for w in scan_weights(tmp_path)] == [(3, True), (4, True), (12, False)]
+
+
+def test_one_default_for_parts_a_trainer_only_run_resumes(tmp_path):
+    """#17: resolve_resume_step / latest_complete_step / enter_run / RetentionPolicy share one
+    default for ``parts`` (None: what the run writes, judged from disk). A trainer-only run
+    resumes its newest step with -1 (it silently started fresh when the default demanded an
+    orchestrator record); a run that writes both still needs both."""
+    from prime_ckpt.layout import RUN_PARTS, latest_complete_step, resolve_resume_step, scan_inventory
+    from prime_ckpt.retention import RetentionPolicy, plan
+    from prime_ckpt.run import enter_run
+
+    for s in (1, 2):
+        write_trainer_mark(tmp_path / "checkpoints" / f"step_{s}" / "trainer")
+    assert resolve_resume_step(tmp_path, -1) == 2 and latest_complete_step(tmp_path) == 2
+    p = plan(scan_inventory(tmp_path), RetentionPolicy(keep=1))
+    assert [e.step for e in p.entries if e.action == "delete"] == [1]
+    entry = enter_run(tmp_path, -1, lease=False)
+    assert entry.start_step == 2
+    # both parts written somewhere: step 2 lacks the orchestrator record, so step 1 is the newest
+    both = tmp_path / "both"
+    for s in (1, 2):
+        write_trainer_mark(both / "checkpoints" / f"step_{s}" / "trainer")
+    write_orchestrator_mark(both / "checkpoints" / "step_1" / "orchestrator.pt", 1)
+    assert resolve_resume_step(both, -1) == 1 == resolve_resume_step(both, -1, RUN_PARTS)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prime_ckpt.layout import CheckpointStep, Inventory, WeightsStep, scan_inventory
+from prime_ckpt.layout import CheckpointStep, Inventory, WeightsStep, detect_parts, scan_inventory
 from prime_ckpt.retention import (
     AHEAD_OF_CURRENT,
     IN_FLIGHT,
@@ -65,7 +65,8 @@ def scenarios(draw):
 def _newest_complete(inv, policy, current, in_flight):
     all_steps = [c.step for c in inv.checkpoints] + [w.step for w in inv.weights] + list(in_flight)
     cur = current if current is not None else (max(all_steps) if all_steps else 0)
-    done = [c.step for c in inv.checkpoints if c.complete(policy.parts) and c.step not in in_flight and c.step <= cur]
+    parts = policy.parts if policy.parts is not None else detect_parts(inv.checkpoints)  # None: what the run writes
+    done = [c.step for c in inv.checkpoints if c.complete(parts) and c.step not in in_flight and c.step <= cur]
     return (max(done) if done else None), cur
 
 

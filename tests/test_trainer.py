@@ -398,3 +398,49 @@ def test_a_save_never_writes_into_a_foreign_step_dir_and_a_stray_hidden_file_cha
     ck.close()
     asides = sorted((tmp_path / "superseded").glob("*-resave-step_2-*/checkpoints/step_2"))
     assert len(asides) == 2 and all((a / "trainer" / ".metadata").is_file() and (a / "save_info.json").is_file() for a in asides)
+
+
+def test_post_commit_failures_are_recorded_and_raise_after_the_limit(tmp_path, monkeypatch):
+    """#17: a failing retention is recorded in each save's record (and save_info.json); after
+    POST_COMMIT_FAILURE_LIMIT consecutive failures the next save raises PostCommitError (an
+    Exception, one line) before writing anything; a success resets the count."""
+    import json
+
+    from prime_ckpt import trainer as trainer_mod
+    from prime_ckpt.config import CheckpointConfig
+    from prime_ckpt.errors import PostCommitError, PrimeCkptError
+    from prime_ckpt.trainer import POST_COMMIT_FAILURE_LIMIT, Checkpointer
+
+    assert POST_COMMIT_FAILURE_LIMIT == 3
+    _, state = _small_state()
+    broken = {"on": True}
+    real_apply = trainer_mod.apply_plan
+
+    def apply(plan):
+        if broken["on"]:
+            raise OSError(28, "No space left on device")
+        return real_apply(plan)
+
+    monkeypatch.setattr(trainer_mod, "apply_plan", apply)
+    ck = Checkpointer(tmp_path, CheckpointConfig(interval=1, keep=1))
+    try:
+        ck.save(1, state)
+        ck.flush()
+        broken["on"] = False  # one success resets the count
+        ck.save(2, state)
+        ck.flush()
+        broken["on"] = True
+        for step in (3, 4, 5):
+            ck.save(step, state)
+            ck.flush()
+            info = json.loads((tmp_path / "checkpoints" / f"step_{step}" / "save_info.json").read_text())
+            assert info["post_commit_error"] == "retention: OSError: [Errno 28] No space left on device", info
+        assert ck.records[-1].post_commit_error == "retention: OSError: [Errno 28] No space left on device"
+        with pytest.raises(PostCommitError) as err:
+            ck.save(6, state)
+        assert isinstance(err.value, PrimeCkptError) and isinstance(err.value, Exception)
+        assert "\n" not in str(err.value) and "last 3 saves" in str(err.value) and "step 5: retention" in str(err.value)
+        assert not (tmp_path / "checkpoints" / "step_6").exists()
+        assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_2", "step_3", "step_4", "step_5"]
+    finally:
+        ck.close()

@@ -33,7 +33,7 @@ from examples.reverse_text.inference import InferenceClient, InferenceConfig, Lo
 from examples.reverse_text.model import ModelConfig, same_shape
 from examples.reverse_text.task import prompt_tokens, reward, sample_problems
 from prime_ckpt.config import CheckpointConfig, CliSettings, MonitorConfig, cli_entry
-from prime_ckpt.layout import RunLayout, resolve_resume_step
+from prime_ckpt.layout import RUN_PARTS, RunLayout, resolve_resume_step
 from prime_ckpt.orchestrator import (
     OrchestratorProgress,
     load_orchestrator_checkpoint,
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = cli_entry(OrchestratorConfig, argv, prog="orchestrator")
     parent_gone = die_with_parent()
     set_deterministic_threads()
-    start = resolve_resume_step(cfg.output_dir, cfg.ckpt.resume_step) if cfg.ckpt is not None else None
+    start = resolve_resume_step(cfg.output_dir, cfg.ckpt.resume_step, RUN_PARTS) if cfg.ckpt is not None else None
     if start is not None:
         progress = load_orchestrator_checkpoint(cfg.output_dir, start)
         print(f"orchestrator: resumed from checkpoint step {start} (samples {progress.total_samples})", flush=True)
