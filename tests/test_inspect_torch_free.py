@@ -224,3 +224,18 @@ def test_weights_header_dtypes_match_torch(dtypes_run):
     assert [t.name for t in info.tensors] == sorted(expected)
     assert {t.name: (t.shape, t.dtype, t.bytes) for t in info.tensors} == expected
     assert info.total_bytes == sum(b for _, _, b in expected.values())
+
+
+def test_the_library_never_imports_wandb():
+    """#17: wandb is the example's dependency (the `hf` extra), not the library's: importing
+    every prime_ckpt module leaves it unimported."""
+    import pkgutil
+
+    import prime_ckpt
+
+    names = [f"prime_ckpt.{m.name}" for m in pkgutil.iter_modules(prime_ckpt.__path__)]
+    code = f"import importlib, sys\nfor n in {names!r}: importlib.import_module(n)\nprint('wandb' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False"] and len(names) > 15
