@@ -42,6 +42,7 @@ from rich.markup import escape as rich_escape
 from rich.table import Table
 
 from prime_ckpt.dcp_metadata import MetadataError
+from prime_ckpt.errors import PrimeCkptError
 from prime_ckpt.inspection import InspectError, describe, to_dict
 from prime_ckpt.layout import CheckpointNotFoundError
 from prime_ckpt.manifest import ManifestError, VerifyTargetError
@@ -68,6 +69,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     CheckpointNotFoundError,
     VerifyTargetError,
     ManifestError,
+    PrimeCkptError,
     OSError,
 )
 
@@ -498,6 +500,12 @@ _CurrentStep = Annotated[
     typer.Option("--current-step", min=0, help="The trainer's current step; higher steps are kept (default: the highest step on disk: a run's entry sets an earlier run's steps aside, so what is on disk is the live run's, see run.json)."),
 ]
 _WeightsInterval = Annotated[int | None, typer.Option("--weights-interval", min=1, help="Also keep weights steps that are multiples of N.")]
+_Rule = Annotated[
+    list[str] | None,
+    typer.Option("--rule", metavar="MODULE:NAME", help="Also keep what your retention rule says (repeatable): a callable "
+                 "taking a prime_ckpt.retention.StepView and returning a reason (str) or None; imported from MODULE. "
+                 "Rules only keep; their reasons show as 'rule NAME: ...'."),
+]
 _ConsumerStep = Annotated[int | None, typer.Option("--consumer-step", min=0, help="Last weights step the inference side acknowledged; steps >= it are kept.")]
 
 
@@ -529,13 +537,14 @@ def _resolve_async_level(output_dir, given: int | None) -> int:
     return given
 
 
-def _plan_and_sizes(output_dir, keep, keep_interval, async_level, current_step, weights_interval, consumer_step):
-    from prime_ckpt.retention import RetentionPolicy, plan_output_dir, plan_sizes
+def _plan_and_sizes(output_dir, keep, keep_interval, async_level, current_step, weights_interval, consumer_step, rules=()):
+    from prime_ckpt.retention import RetentionPolicy, load_rule, plan_output_dir, plan_sizes
 
     async_level = _resolve_async_level(output_dir, async_level)
     policy = RetentionPolicy(
         keep=keep, keep_interval=keep_interval, async_level=async_level,
         weights_interval=weights_interval, consumer_step=consumer_step,
+        rules=tuple(load_rule(r) for r in rules or ()),
     )  # fmt: skip
     p = plan_output_dir(output_dir, policy, current_step=current_step)
     return p, plan_sizes(p)
@@ -569,6 +578,7 @@ def plan_cmd(
     current_step: _CurrentStep = None,
     weights_interval: _WeightsInterval = None,
     consumer_step: _ConsumerStep = None,
+    rule: _Rule = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Dry run of retention: every checkpoint and weights step with keep/delete and the reasons.
@@ -580,7 +590,7 @@ def plan_cmd(
     Exit codes: 0 planned; 2 bad path or option.
     """
     with user_errors(target=output_dir):
-        p, sizes = _plan_and_sizes(_target(output_dir), keep, keep_interval, async_level, current_step, weights_interval, consumer_step)
+        p, sizes = _plan_and_sizes(_target(output_dir), keep, keep_interval, async_level, current_step, weights_interval, consumer_step, rule)
     if as_json:
         _print_json(_plan_json(p, sizes))
         return
@@ -624,6 +634,7 @@ def prune_cmd(
     current_step: _CurrentStep = None,
     weights_interval: _WeightsInterval = None,
     consumer_step: _ConsumerStep = None,
+    rule: _Rule = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Apply the retention plan that `plan` shows (asks for confirmation unless --yes).
@@ -636,7 +647,7 @@ def prune_cmd(
     from prime_ckpt.retention import apply_plan
 
     with user_errors(target=output_dir):
-        p, sizes = _plan_and_sizes(_target(output_dir), keep, keep_interval, async_level, current_step, weights_interval, consumer_step)
+        p, sizes = _plan_and_sizes(_target(output_dir), keep, keep_interval, async_level, current_step, weights_interval, consumer_step, rule)
     con = _console()
     _render_plan(p, sizes, con, f"retention plan for {_esc(output_dir)}")
     _warn_if_held(output_dir)

@@ -35,7 +35,7 @@ import json
 import os
 import posixpath
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from prime_ckpt.dcp_metadata import (
@@ -976,7 +976,7 @@ def list_run(output_dir: AnyPath | str, policy: Any = None, current_step: int | 
         path=str(root),
         parts=list(parts),
         latest_complete_step=max(complete) if complete else None,
-        policy={k: v for k, v in asdict(policy).items() if k != "parts"} if policy is not None else None,
+        policy={f.name: getattr(policy, f.name) for f in fields(policy) if f.name not in ("parts", "rules")} if policy is not None else None,
         checkpoints=rows,
         weights=weights,
         ignored=_ignored(root / CHECKPOINTS_DIR) + _ignored(root / WEIGHTS_DIR),

@@ -33,6 +33,11 @@ level ``k`` needs the weights of steps ``[x - k, x]``:
   * keep multiples of ``weights_interval`` (e.g. evaluation steps);
   * keep steps newer than ``current_step`` (another run's); delete the rest.
 
+User rules (:data:`RetentionRule`, ``RetentionPolicy.rules``; ``prime-ckpt plan/prune --rule
+MODULE:NAME``) add reasons to keep complete steps of this run, under the guards above (they
+cannot delete, and cannot keep what the guards decide); a checkpoint a rule keeps pins its
+weights window like any kept checkpoint.
+
 Names that are not ``step_<int>`` never reach the inventory, so never appear in a plan.
 """
 
@@ -44,6 +49,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from prime_ckpt.errors import PrimeCkptError
 from prime_ckpt.layout import Inventory, detect_parts, missing_weights
 from prime_ckpt.storage import AnyPath, remove_tree
 
@@ -89,8 +95,36 @@ def _older_than_keep(k: int) -> str:
     return f"older than the {k} newest complete"
 
 
-class RetentionConfigError(ValueError):
+class RetentionConfigError(PrimeCkptError, ValueError):
     """A retention policy that is invalid or could delete what resuming needs."""
+
+
+@dataclass(frozen=True)
+class StepView:
+    """What a retention rule sees of one step directory (pure data, no I/O).
+
+    Attributes:
+        kind: ``"checkpoint"`` or ``"weights"``.
+        step: the step (int).
+        complete: every part the run writes is complete (checkpoints; weights: ``COMPLETE``).
+        current_step: the step the plan is made at (the trainer's current step).
+        async_level: k of the seed's rule (checkpoint step x needs weights ``[x - k, x]``).
+    """
+
+    kind: Kind
+    step: int
+    complete: bool
+    current_step: int
+    async_level: int
+
+
+#: A user-provided retention rule: a callable given a :class:`StepView` that returns a reason to
+#: keep the step (a short text, shown in ``plan`` like the built-in reasons) or ``None``. Rules
+#: only keep, never delete; they see only complete steps that are this project's and not
+#: newer than the current step (the safety guards decide the rest: in-flight, foreign,
+#: incomplete, newest complete). A checkpoint a rule keeps pins its weights ``[x - k, x]``.
+#: Examples: keep the best eval step, keep the steps an evaluation job has not finished.
+RetentionRule = Callable[[StepView], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +143,8 @@ class RetentionPolicy:
         parts: the parts a checkpoint step must have to count as complete; None (the default,
             as everywhere ``parts`` is taken): the parts the run writes, judged from the
             inventory (:func:`prime_ckpt.layout.detect_parts`).
+        rules: user-provided :data:`RetentionRule` s, each may add a reason to keep a step
+            (``keep=None`` keeps everything anyway).
 
     Raises:
         RetentionConfigError: ``keep < 1``, ``keep_interval < 1``, ``async_level < 0``,
@@ -121,6 +157,7 @@ class RetentionPolicy:
     weights_interval: int | None = None
     consumer_step: int | None = None
     parts: tuple[str, ...] | None = None
+    rules: tuple[RetentionRule, ...] = ()
 
     def __post_init__(self) -> None:
         if self.keep is not None and self.keep < 1:
@@ -229,6 +266,7 @@ def plan(
                 keep_reasons.append(KEEP_ALL if policy.keep is None else _keep_latest(policy.keep))
             if policy.keep_interval and c.step % policy.keep_interval == 0:
                 keep_reasons.append(_keep_interval(policy.keep_interval))
+            keep_reasons += _rule_reasons(policy, StepView("checkpoint", c.step, True, current_step, k))
             if not keep_reasons:
                 delete_reasons.append(_older_than_keep(policy.keep or 0))
         else:
@@ -264,6 +302,8 @@ def plan(
             reasons.append(CONSUMER)
         if policy.weights_interval and w.step % policy.weights_interval == 0:
             reasons.append(_weights_interval(policy.weights_interval))
+        if w.foreign is None and w.complete and w.step <= current_step:
+            reasons += _rule_reasons(policy, StepView("weights", w.step, True, current_step, k))
         if not w.complete and not reasons and (newest_weights is None or w.step > newest_weights):
             reasons.append(INCOMPLETE_MAYBE_WRITING)
         if reasons:
@@ -272,6 +312,49 @@ def plan(
             entries.append(PlanEntry(w.path, "weights", w.step, "delete", (INCOMPLETE,) if not w.complete else (NOT_PINNED,)))
     entries.sort(key=lambda e: (e.kind, e.step))
     return Plan(tuple(entries))
+
+
+def _rule_reasons(policy: RetentionPolicy, view: StepView) -> list[str]:
+    """The keep reasons the policy's user rules give ``view`` (each as ``rule <name>: <reason>``).
+
+    Raises:
+        RetentionConfigError: a rule raised or returned something other than text or None (one
+            line naming the rule and the step; the plan is not made, so nothing is deleted).
+    """
+    out = []
+    for rule in policy.rules:
+        name = getattr(rule, "__name__", type(rule).__name__)
+        try:
+            reason = rule(view)
+        except Exception as e:
+            raise RetentionConfigError(f"retention rule {name} failed on {view.kind} step {view.step}: {type(e).__name__}: {e}") from e
+        if reason is not None and not isinstance(reason, str):
+            raise RetentionConfigError(f"retention rule {name} returned {reason!r} for {view.kind} step {view.step}; expected a reason (str) or None")
+        if reason:
+            out.append(f"rule {name}: {reason}")
+    return out
+
+
+def load_rule(spec: str) -> RetentionRule:
+    """The rule a ``MODULE:NAME`` spec names (``prime-ckpt plan --rule mypkg.rules:keep_best``):
+    imports ``MODULE`` (the user's own code, named on the command line) and returns ``NAME``.
+
+    Raises:
+        RetentionConfigError: the spec is malformed, the module cannot be imported, or the name
+            is missing or not callable (one line naming the spec).
+    """
+    import importlib
+
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise RetentionConfigError(f"--rule {spec}: expected MODULE:NAME (a callable taking a StepView)")
+    try:
+        obj = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise RetentionConfigError(f"--rule {spec}: {type(e).__name__}: {e}") from None
+    if not callable(obj):
+        raise RetentionConfigError(f"--rule {spec}: {name} is not callable")
+    return obj
 
 
 @dataclass

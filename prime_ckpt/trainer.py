@@ -76,7 +76,7 @@ from prime_ckpt.layout import (
     trainer_part_complete,
 )
 from prime_ckpt.manifest import write_manifest
-from prime_ckpt.retention import Plan, RetentionPolicy, apply_plan, plan, with_consumer_ack
+from prime_ckpt.retention import Plan, RetentionPolicy, RetentionRule, apply_plan, plan, with_consumer_ack
 from prime_ckpt.run import DEFAULT_LEASE_TTL_S, RunEntry, enter_run, superseded_dir
 from prime_ckpt.staging import ReusedBufferStager
 from prime_ckpt.storage import (
@@ -493,6 +493,8 @@ class Checkpointer:
             ``step_N.<ext>``, e.g. ``("rollouts",)``) set aside with the run's steps on entry.
         lease_ttl_s: a lease from another host without a heartbeat for this long is taken over
             (seconds).
+        retention_rules: your own :data:`prime_ckpt.retention.RetentionRule` s (keep the best
+            eval step, the steps an eval job pinned ...), applied with ``config.keep``'s policy.
 
     Construct on every rank (collective when distributed: it creates the gloo group once and
     broadcasts rank 0's entry decision).
@@ -519,6 +521,7 @@ class Checkpointer:
         run_id: str | None = None,
         also: tuple[str, ...] = (),
         lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
+        retention_rules: tuple[RetentionRule, ...] = (),
     ) -> None:
         if async_mode not in ("thread", "process"):
             raise ValueError(f"async_mode must be 'thread' or 'process', got {async_mode!r}")
@@ -543,6 +546,7 @@ class Checkpointer:
                 async_level=async_level,
                 weights_interval=weights_interval,
                 parts=parts,
+                rules=tuple(retention_rules),
             )
 
         self.records: list[SaveRecord] = []

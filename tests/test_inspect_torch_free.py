@@ -239,3 +239,21 @@ def test_the_library_never_imports_wandb():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["False"] and len(names) > 15
+
+
+def test_the_public_facade_is_lazy_and_complete():
+    """#17: `prime_ckpt` exports its public API in __all__; importing the package imports no torch
+    (the CLI's read-only commands stay fast); every exported name resolves to its module's object."""
+    code = "import sys, prime_ckpt\nprint(any(m == 'torch' or m.startswith('torch.') for m in sys.modules))"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split() == ["False"], proc.stderr
+    import importlib
+
+    import prime_ckpt
+
+    assert "Checkpointer" in prime_ckpt.__all__ and "PrimeCkptError" in prime_ckpt.__all__
+    for name in prime_ckpt.__all__:
+        assert getattr(prime_ckpt, name) is getattr(importlib.import_module(prime_ckpt._EXPORTS[name]), name), name
+    with pytest.raises(AttributeError):
+        prime_ckpt.NoSuchName  # noqa: B018

@@ -331,3 +331,36 @@ def test_a_slow_consumer_keeps_the_weights_it_acknowledged(tmp_path):
     write_consumer_ack(tmp_path, 11)
     p = plan_output_dir(tmp_path, RetentionPolicy(keep=1, async_level=1))
     assert sorted(e.step for e in p.entries if e.kind == "weights" and e.action == "delete") == list(range(3, 11))
+
+
+def test_a_custom_rule_from_outside_the_package_keeps_with_its_reason(tmp_path):
+    """#17: a user rule (tests/retention_rules.py) keeps a step the policy would delete, its reason
+    shows in the plan (library and `plan --json`), and the kept checkpoint pins its weights."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from prime_ckpt.cli import app
+    from tests.marks import write_orchestrator_mark, write_trainer_mark
+    from tests.retention_rules import keep_eval_steps
+
+    inv = Inventory((ck(10), ck(20), ck(30)), tuple(wt(s) for s in range(31)))
+    p = plan(inv, RetentionPolicy(keep=1, async_level=1, rules=(keep_eval_steps,)), current_step=30)
+    assert kept(p) == [20, 30] and dict((e.step, e.reasons) for e in p.entries if e.kind == "checkpoint")[20] == (
+        "rule keep_eval_steps: pinned by the eval job",)
+    assert kept(p, "weights") == [19, 20, 29, 30]
+    assert kept(plan(inv, RetentionPolicy(keep=1, async_level=1), current_step=30)) == [30]  # without the rule
+    for s in (10, 20, 30):
+        write_trainer_mark(tmp_path / "checkpoints" / f"step_{s}" / "trainer")
+        write_orchestrator_mark(tmp_path / "checkpoints" / f"step_{s}" / "orchestrator.pt", s)
+    runner = CliRunner()
+    r = runner.invoke(app, ["plan", str(tmp_path), "--keep", "1", "--async-level", "0", "--json", "--rule", "tests.retention_rules:keep_eval_steps"])
+    assert r.exit_code == 0, r.output
+    got = {e["step"]: (e["action"], e["reasons"]) for e in json.loads(r.stdout)["entries"]}
+    assert got[20] == ("keep", ["rule keep_eval_steps: pinned by the eval job"]) and got[10][0] == "delete"
+    for spec, words in (("tests.retention_rules:broken", "retention rule broken failed on checkpoint step"),
+                        ("tests.retention_rules:nothing", "--rule tests.retention_rules:nothing: AttributeError"),
+                        ("no_colon", "expected MODULE:NAME")):  # fmt: skip
+        r = runner.invoke(app, ["prune", str(tmp_path), "--keep", "1", "--async-level", "0", "--yes", "--rule", spec])
+        assert r.exit_code == 2 and words in r.stderr and len(r.stderr.splitlines()) == 1, r.output
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_10", "step_20", "step_30"]
