@@ -912,6 +912,14 @@ class Checkpointer:
             self._post_commit.submit(lambda: None).result()  # one FIFO worker: earlier jobs are done
         return record
 
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        """``with Checkpointer(...) as ckpt:`` closes on exit (waits for the last save, releases
+        the lease); an error of the last save is raised, chained to the body's error if any."""
+        self.close()
+
     def close(self) -> None:
         """Wait for the last save and the post-commit work, release the staging buffers and
         synchronise the ranks; raises the last save's error. Safe to call twice. The dedicated

@@ -444,3 +444,19 @@ def test_post_commit_failures_are_recorded_and_raise_after_the_limit(tmp_path, m
         assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_2", "step_3", "step_4", "step_5"]
     finally:
         ck.close()
+
+
+def test_checkpointer_is_a_context_manager(tmp_path):
+    """#17: `with Checkpointer(...)` closes on exit: the async save is durable and the lease is
+    released (a second Checkpointer can enter the directory at once)."""
+    from prime_ckpt.config import CheckpointConfig
+    from prime_ckpt.layout import latest_complete_step
+    from prime_ckpt.trainer import Checkpointer
+
+    _, state = _small_state()
+    with Checkpointer(tmp_path, CheckpointConfig(interval=1, save_async=True)) as ck:
+        ck.save(1, state)
+        assert (tmp_path / "run.lock").is_file()
+    assert ck._closed and latest_complete_step(tmp_path) == 1 and not (tmp_path / "run.lock").exists()
+    with Checkpointer(tmp_path, CheckpointConfig(interval=1, resume_step=-1)) as again:
+        assert again.resume_step() == 1
