@@ -928,7 +928,7 @@ def convert_cmd(
     to: Annotated[_To | None, typer.Option("--to", help="Output format (default: dcp with --from torch-save; required otherwise).")] = None,
     from_: Annotated[_From, typer.Option("--from", help="Input format: auto (DCP or weights dir) or torch-save (a torch.save file).")] = _From.auto,
     dtype: Annotated[_DType | None, typer.Option("--dtype", help="safetensors only: cast floating-point tensors to this dtype.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it is an existing file (never a non-empty directory, a DCP checkpoint or a part of one).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it is an existing regular file (never a device, FIFO, non-empty directory, a DCP checkpoint or a part of one).")] = False,
     key: Annotated[str | None, typer.Option("--key", metavar="PREFIX", help="safetensors from DCP: the prefix of the model's tensors (e.g. app.model, model; '' = the root). Default: detected.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print what was written as JSON.")] = False,
 ) -> None:
@@ -950,8 +950,10 @@ def convert_cmd(
     .metadata is read through the restricted unpickler and non-tensor values with
     weights_only=True. The input is never modified; OUT is written under a temp name and
     renamed into place; an existing OUT is refused without --force; OUT inside the input, or
-    inside any checkpoint or weights step (checkpoints/step_<N>, weights/step_<N>, a DCP dir;
-    symlinks resolved), is refused even with --force.
+    inside any checkpoint or weights step (checkpoints/step_<N>, weights/step_<N>, a DCP dir,
+    also one still being written or saved per rank, torchtitan's checkpoint/step-<N>, DCP
+    HuggingFace-writer shards; symlinks resolved), is refused even with --force. A safetensors
+    OUT ends with .safetensors, or names a directory that receives model.safetensors.
     JSON: {"schema": "prime-ckpt.convert/1", source, source_kind: "dcp"|"weights"|"torch-save",
            output, format, tensors, bytes, dtype, wrapped_in_app}
     Local paths only for now (a URL is refused, exit 2).

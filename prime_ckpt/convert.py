@@ -51,7 +51,7 @@ from prime_ckpt.dcp_metadata import (
     has_dcp_metadata,
     read_dcp_metadata,
 )
-from prime_ckpt.foreign import sharding_info
+from prime_ckpt.foreign import foreign_checkpoint_kind, rank_shard_info
 from prime_ckpt.layout import (
     CHECKPOINTS_DIR,
     DCP_METADATA_FILE,
@@ -283,7 +283,7 @@ def open_safetensors(file: Path) -> TensorSource:
     if size != expected:
         raise ConvertError(f"{file}: size {size} != {expected} declared by its header (truncated?)")
     try:
-        shard = sharding_info(header) is not None
+        shard = rank_shard_info(file.name, header) is not None
     except ValueError as e:
         raise ConvertError(f"{file}: {e}") from None
     if shard:
@@ -402,6 +402,8 @@ def checkpoint_containing(out: Path | str) -> tuple[Path, str] | None:
             kind = _step_dir_kind(parent)
             if kind is None and has_dcp_metadata(parent):
                 kind = "DCP directory"
+            if kind is None and parent != view:
+                kind = foreign_checkpoint_kind(parent)  # another tool's: a save in progress, torchtitan, HF shards
             if kind is not None:
                 return parent, kind
         kind = _step_dir_kind(view)
@@ -458,6 +460,8 @@ def check_output(out: Path | str, source: Path | str, *, force: bool, directory:
     if out.exists() or out.is_symlink():
         if not force:
             raise ConvertError(f"{out}: already exists (use --force to overwrite)")
+        if not out.is_symlink() and not out.is_file() and not out.is_dir():
+            raise ConvertError(f"{out}: exists and is not a regular file (a device, FIFO or socket); convert never replaces it")
         if directory:
             if not out.is_dir() or any(out.iterdir()):
                 what = "a DCP checkpoint" if (out / DCP_METADATA_FILE).is_file() else "not an empty directory"
@@ -541,6 +545,8 @@ def to_safetensors(source: Path | str, out: Path | str, *, dtype: str | None = N
         refuse_inside_checkpoint(Path(out))
         out = Path(out) / MODEL_FILE
     out = check_output(out, source, force=force, directory=False)
+    if out.suffix != ".safetensors":  # what inspect and diff read as safetensors
+        raise ConvertError(f"{out}: a safetensors output ends with .safetensors (or names a directory, which receives {MODEL_FILE})")
     target = DTYPES[dtype] if dtype else None
     tensors = {}
     for name, t in src.load(list(src.tensors)).items():

@@ -33,6 +33,49 @@ TITAN_FOLDER = "checkpoint"
 TITAN_STEP_RE = re.compile(r"^step-(\d+)$")
 #: The ``__metadata__`` key DCP's HuggingFace writer records each tensor's slice offsets under.
 DCP_SHARDING_KEY = "DCP_SHARDING_INFO"
+#: The file names DCP's HuggingFace writer gives one rank's shard (``save_distributed=True``);
+#: a rank-0 save (``model-<i>-of-<n>.safetensors``) also records DCP_SHARDING_INFO, with full
+#: tensors at offset 0, and is a model.
+RANK_SHARD_RE = re.compile(r"^shard-\d+-model-\d+-of-\d+\.safetensors$")
+#: DCP data files (``__<rank>_<n>.distcp``): a directory holding them is a DCP checkpoint, even
+#: before its ``.metadata`` is written.
+DISTCP_RE = re.compile(r"^__\d+_\d+\.distcp$")
+
+
+def rank_shard_info(name: str, header: dict[str, Any]) -> dict[str, list[int]] | None:
+    """:func:`sharding_info` for a file called ``name`` when it is one rank's shard of an
+    unconsolidated HuggingFace-writer save (its name matches :data:`RANK_SHARD_RE`), else None
+    (pure)."""
+    return sharding_info(header) if RANK_SHARD_RE.match(name) else None
+
+
+def foreign_checkpoint_kind(directory: AnyPath | str) -> str | None:
+    """What other tool's checkpoint ``directory`` is (a DCP save in progress, a torchtitan
+    folder or step, HuggingFace-writer rank shards), or None. Lists one directory; used to
+    refuse writing into it."""
+    directory = to_path(directory)
+    try:
+        names = [p.name for p in directory.iterdir()] if directory.is_dir() else []
+    except OSError:
+        return None
+    if any(DISTCP_RE.match(n) or re.match(r"^__\d+\.metadata$", n) for n in names):
+        return "DCP directory"
+    # torchtitan's default folder name only: a "step-<N>" directory elsewhere is not enough to
+    # refuse writing below a directory (any user directory could hold one)
+    if titan_step(directory.name) is not None and directory.parent.name == TITAN_FOLDER:
+        return "torchtitan checkpoint step"
+    if directory.name == TITAN_FOLDER and titan_steps(directory):
+        return "torchtitan checkpoint folder"
+    if any(RANK_SHARD_RE.match(n) for n in names):
+        return "HuggingFace-writer shard directory"
+    return None
+
+
+def titan_step_parent(step_dir: AnyPath) -> bool:
+    """Whether ``step_dir`` (named ``step-<N>``) is a directory that sits in a torchtitan
+    checkpoint folder (one that holds ``step-<N>`` directories)."""
+    step_dir = to_path(step_dir)
+    return step_dir.is_dir() and titan_step(step_dir.name) is not None and bool(titan_steps(step_dir.parent))
 
 
 def titan_step(name: str) -> int | None:

@@ -46,7 +46,7 @@ from prime_ckpt.dcp_metadata import (
     rank_metadata_files,
     read_dcp_metadata,
 )
-from prime_ckpt.foreign import titan_folder, titan_step
+from prime_ckpt.foreign import titan_folder, titan_step, titan_step_parent
 from prime_ckpt.layout import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
@@ -87,7 +87,7 @@ SAFETENSORS_DTYPES: dict[str, str] = {
 
 _EXPECTED = (
     "expected a run output dir (with checkpoints/ or weights/), a checkpoints/ or weights/ dir, "
-    "a step_<N> dir or a trainer/ DCP dir"
+    "a step_<N> dir, a trainer/ or other DCP dir, a torchtitan checkpoint folder, or safetensors"
 )
 
 
@@ -516,7 +516,7 @@ def describe_safetensors_file(file: AnyPath | str, name_filter: str | None = Non
     """A bare ``.safetensors`` file (any producer): its tensor table from the header, as for a
     weights step (``kind`` ``"safetensors_file"``, ``step`` None, ``complete`` = the header reads
     and the size matches it). Only the header is read."""
-    from prime_ckpt.foreign import sharding_info
+    from prime_ckpt.foreign import rank_shard_info
     from prime_ckpt.manifest import safetensors_header
 
     file = to_path(file)
@@ -526,7 +526,7 @@ def describe_safetensors_file(file: AnyPath | str, name_filter: str | None = Non
     if tensors is None:  # the header does not read: nothing to show (exit 2, as unreadable .metadata)
         raise InspectError(problems[0])
     try:
-        if tensors is not None and sharding_info(safetensors_header(file)[0]) is not None:
+        if tensors is not None and rank_shard_info(file.name, safetensors_header(file)[0]) is not None:
             problems.append(f"{file}: one rank's shard written by DCP's HuggingFaceStorageWriter (DCP_SHARDING_INFO): "
                             "shapes are that rank's slices, not the model's")
     except ValueError as e:
@@ -572,6 +572,8 @@ def _safetensors_tensors(
             st_dtype = str(header[name]["dtype"])
             dtype = DTYPES.get(SAFETENSORS_DTYPES.get(st_dtype, ""))
             nbytes = _numel(shape) * dtype.itemsize if dtype is not None else 0
+            if dtype is None:
+                problems.append(f"{model}: tensor {name!r}: unknown dtype {st_dtype!r} (size not counted; convert/diff refuse it)")
             tensors.append(TensorEntry(name, shape, dtype_name(dtype) if dtype else st_dtype, nbytes))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         problems.append(f"{model}: unreadable safetensors header ({type(e).__name__}: {' '.join(str(e).split())})")
@@ -592,7 +594,7 @@ def describe_safetensors_dir(path: AnyPath | str, name_filter: str | None = None
     are assembled from each header's ``DCP_SHARDING_INFO`` (:mod:`prime_ckpt.foreign`) and which
     carries a problem saying it is not a model yet. ``complete``: every header reads and matches
     its file's size. Only headers are read."""
-    from prime_ckpt.foreign import assembled_shapes, sharding_info
+    from prime_ckpt.foreign import assembled_shapes, rank_shard_info
     from prime_ckpt.manifest import safetensors_header
 
     path = to_path(path)
@@ -610,7 +612,7 @@ def describe_safetensors_dir(path: AnyPath | str, name_filter: str | None = None
             continue
         try:
             header, expected = safetensors_header(f)
-            shard = sharding_info(header) is not None
+            shard = rank_shard_info(f.name, header) is not None
         except ValueError as e:
             problems.append(str(e) if str(e).startswith(str(f)) else f"{f}: {e}")
             continue
@@ -755,7 +757,9 @@ def describe(path: AnyPath | str, name_filter: str | None = None) -> Description
         raise InspectError(f"{path}: not a directory ({_EXPECTED})")
     step = parse_step(path.name)
     parent = path.parent.name
-    if has_dcp_metadata(path) or (path.name == TRAINER_PART and parse_step(parent) is not None):
+    if has_dcp_metadata(path) or (path.name == TRAINER_PART and parse_step(parent) is not None) or (
+        titan_step(path.name) is not None and titan_step_parent(path)
+    ):
         trainer = describe_trainer_part(path, name_filter)
         problems = [] if trainer.complete else [f"{path}: {DCP_METADATA_FILE} missing (save did not finish?)"]
         if trainer.complete and trainer.metadata_files == [DCP_METADATA_FILE] and not _storage_problems(trainer) and (
@@ -902,6 +906,9 @@ def list_run(output_dir: AnyPath | str, policy: Any = None, current_step: int | 
         raise InspectError(f"{path}: not a directory (expected a run output dir)")
     root = path.parent if path.name in (CHECKPOINTS_DIR, WEIGHTS_DIR) else path
     if not ((root / CHECKPOINTS_DIR).is_dir() or (root / WEIGHTS_DIR).is_dir()) and (folder := titan_folder(path)) is not None:
+        if policy is not None:
+            raise InspectError(f"{folder}: a torchtitan checkpoint folder: retention options do not apply "
+                               "(another tool's steps are never planned or pruned here)")
         return _list_titan(folder)
     if not ((root / CHECKPOINTS_DIR).is_dir() or (root / WEIGHTS_DIR).is_dir()):
         raise InspectError(f"{path}: not a run output dir (no {CHECKPOINTS_DIR}/ or {WEIGHTS_DIR}/)")

@@ -162,3 +162,59 @@ def test_pure_helpers():
         sharding_info({**plain, "__metadata__": {"DCP_SHARDING_INFO": "{not json"}})
     first = {**plain, "__metadata__": {"DCP_SHARDING_INFO": json.dumps({"w": {"saved_offsets": [0]}})}}
     assert assembled_shapes([first, shard]) == {"w": [4]}
+
+
+# -- review fixes: what a new user hit -------------------------------------------------------------
+def test_hf_writer_rank0_save_is_a_model_not_shards(layouts, tmp_path):
+    """A rank-0 HuggingFaceStorageWriter save records DCP_SHARDING_INFO too (offsets 0): it is a
+    model (only shard-* files are rank shards)."""
+    d = layouts / "hf_rank0"
+    header_meta = json.loads(__import__("prime_ckpt.manifest", fromlist=["x"]).safetensors_header(next(d.glob("model-*.safetensors")))[0]["__metadata__"]["DCP_SHARDING_INFO"])
+    assert header_meta  # the writer did record it
+    got = _inspect(d)
+    assert got["kind"] == "safetensors_dir" and got["complete"] and not got["problems"]
+    r = _cli("convert", str(d), str(tmp_path / "r0.safetensors"), "--to", "safetensors")
+    assert r.exit_code == 0, r.output
+    _bitwise_equal(load_file(tmp_path / "r0.safetensors"), _reference(layouts))
+
+
+def test_convert_never_writes_into_another_tools_checkpoint(layouts, tmp_path):
+    src = layouts / "hf_rank0"
+    in_progress = tmp_path / "dcp_in_progress"
+    in_progress.mkdir()
+    (in_progress / "__0_0.distcp").write_bytes(b"partial")
+    targets = [layouts / "titan" / "checkpoint" / "step-30" / "x.safetensors", layouts / "titan" / "checkpoint" / "x.safetensors",
+               in_progress / "x.safetensors", layouts / "hf_sharded" / "model.safetensors",
+               layouts / "hf_consolidated" / "sharded" / "x.safetensors", layouts / "no_collectives" / "x.safetensors"]  # fmt: skip
+    for out in targets:
+        r = _cli("convert", str(src), str(out), "--to", "safetensors", "--force")
+        assert r.exit_code == 2 and ": inside the " in r.output and "convert never writes into a checkpoint" in r.output, (out, r.output)
+        assert not out.exists()
+
+
+def test_convert_force_never_replaces_a_fifo_and_wants_the_suffix(layouts, tmp_path):
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    r = _cli("convert", str(layouts / "hf_consolidated"), str(fifo), "--to", "safetensors", "--force")
+    assert r.exit_code == 2 and "not a regular file" in r.output and fifo.is_fifo(), r.output
+    r = _cli("convert", str(layouts / "hf_consolidated"), str(tmp_path / "m.st"), "--to", "safetensors")
+    assert r.exit_code == 2 and "ends with .safetensors" in r.output and not (tmp_path / "m.st").exists(), r.output
+
+
+def test_torchtitan_step_in_progress_and_list_options(layouts):
+    got = _inspect(layouts / "titan" / "checkpoint" / "step-30")
+    assert got["kind"] == "trainer" and got["step"] == 30 and not got["trainer"]["complete"] and got["problems"]
+    r = _cli("list", str(layouts / "titan"), "--keep", "1")
+    assert r.exit_code == 2 and "retention options do not apply" in r.output, r.output
+
+
+def test_an_unknown_safetensors_dtype_is_a_problem(tmp_path):
+    import struct
+
+    text = json.dumps({"w": {"dtype": "F99", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    f = tmp_path / "odd.safetensors"
+    f.write_bytes(struct.pack("<Q", len(text)) + text + bytes(8))
+    got = _inspect(f)
+    assert any("unknown dtype 'F99'" in p for p in got["problems"]) and not got["complete"]

@@ -6,6 +6,8 @@ unevenly across ranks as a DTensor, a replicated bias, a bf16 embedding):
   OUT/hf_sharded/            DCP's HuggingFaceStorageWriter(save_distributed=True): one
                              shard-<rank>-model-*.safetensors per rank, not consolidated
   OUT/hf_consolidated/       the same with enable_consolidation=True (model-*.safetensors)
+  OUT/hf_rank0/              HuggingFaceStorageWriter on rank 0 alone (full tensors; its header
+                             still carries DCP_SHARDING_INFO, every offset 0)
   OUT/titan/checkpoint/step-<N>  torchtitan's CheckpointManager layout (model keys flattened to
                              the root beside optimizer/train_state), N = 10, 20; step-30 unfinished
   OUT/reference.pt           the full tensors (rank 0)
@@ -50,7 +52,8 @@ def main() -> None:
         state = {**model, "optimizer": {"state": {"layers.0.bias": {"exp_avg": model["layers.0.bias"] * 0}}},
                  "train_state": {"step": step}, "lr_scheduler": {"last_epoch": step}}  # fmt: skip
         dcp.save(state, checkpoint_id=str(out / "titan" / "checkpoint" / f"step-{step}"))
-    if rank == 0:
+    if rank == 0:  # a rank-0 HF-writer save of the full tensors (DCP_SHARDING_INFO, all offsets 0)
+        dcp.save(dict(full), storage_writer=HuggingFaceStorageWriter(str(out / "hf_rank0")), no_dist=True)
         (out / "titan" / "checkpoint" / "step-30").mkdir()
         (out / "titan" / "checkpoint" / "step-30" / "__0_0.distcp").write_bytes(b"partial")
         torch.save(full, out / "reference.pt")
