@@ -190,7 +190,7 @@ class LocalStorage:
         return FileSystemWriter(path, **kw)
 
     def reader(self, path: str):
-        from prime_ckpt.dcp_metadata import SafeFileSystemReader
+        from prime_ckpt.dcp_io import SafeFileSystemReader
 
         return SafeFileSystemReader(path)
 

@@ -44,9 +44,8 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from prime_ckpt.dcp_io import SafeFileSystemReader, SafeLoadPlanner
 from prime_ckpt.dcp_metadata import (
-    SafeFileSystemReader,
-    SafeLoadPlanner,
     UnsafeMetadataError,
     has_dcp_metadata,
     read_dcp_metadata,

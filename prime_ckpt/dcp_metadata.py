@@ -53,24 +53,45 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import functools
 import io
-import os
 import pickle
 import re
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prime_ckpt.layout import DCP_METADATA_FILE
+from prime_ckpt.dcp_standins import (  # noqa: F401 - re-exported: the stand-in types are this module's API
+    DCP_METADATA_MODULE,
+    DCP_PREFIX,
+    DCP_STANDINS_BY_NAME,
+    DTYPES,
+    LAYOUTS,
+    LEGACY_GLOBALS,
+    MEMORY_FORMATS,
+    STANDINS,
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    DType,
+    Layout,
+    MemoryFormat,
+    Metadata,
+    MetadataIndex,
+    PathRecord,
+    Size,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+    foreign_path,
+    is_bytes_entry,
+    is_dcp_module,
+    is_tensor_entry,
+    resolve_stdlib,
+)
+from prime_ckpt.names import DCP_METADATA_FILE
 from prime_ckpt.storage import AnyPath, is_remote, to_path
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import Metadata as TorchMetadata
 
-_DCP_PREFIX = "torch.distributed.checkpoint"
-_DCP_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
 
 #: Exact ``(module, name)`` globals a DCP ``.metadata`` may reference (besides torch dtypes,
 #: layouts and memory formats, and the DCP dataclass/enum rule; see the module docstring).
@@ -109,269 +130,8 @@ class _NoStandIn(UnsafeMetadataError):
     """Torch-free mode met a DCP global it has no stand-in for (the default mode retries with torch)."""
 
 
-# -- torch-free stand-ins -----------------------------------------------------------------------
-@dataclass(frozen=True, repr=False)
-class _TorchConstant:
-    """A named torch constant (``torch.<name>``) without torch."""
-
-    name: str
-
-    def __repr__(self) -> str:
-        return f"torch.{self.name}"
-
-
-@dataclass(frozen=True, repr=False)
-class DType(_TorchConstant):
-    """Stand-in for a ``torch.dtype``: ``str(d) == "torch.float32"``, ``d.itemsize`` in bytes."""
-
-    itemsize: int = 0
-
-
-class Layout(_TorchConstant):
-    """Stand-in for a ``torch.layout`` (``torch.strided`` ...)."""
-
-
-class MemoryFormat(_TorchConstant):
-    """Stand-in for a ``torch.memory_format`` (``torch.contiguous_format`` ...)."""
-
-
-#: Element size in bytes of every torch dtype, by its canonical name (torch 2.13;
-#: ``tests/test_dcp_metadata.py`` checks this table against the installed torch).
-_DTYPE_ITEMSIZE: dict[str, int] = {
-    "bool": 1, "uint8": 1, "int8": 1, "int16": 2, "int32": 4, "int64": 8,
-    "uint16": 2, "uint32": 4, "uint64": 8,
-    "float16": 2, "bfloat16": 2, "float32": 4, "float64": 8,
-    "complex32": 4, "complex64": 8, "complex128": 16,
-    "float8_e5m2": 1, "float8_e4m3fn": 1, "float8_e5m2fnuz": 1, "float8_e4m3fnuz": 1,
-    "float8_e8m0fnu": 1, "float4_e2m1fn_x2": 1,
-    "qint8": 1, "quint8": 1, "qint32": 4, "quint4x2": 1, "quint2x4": 1,
-    "bits1x8": 1, "bits2x4": 1, "bits4x2": 1, "bits8": 1, "bits16": 2,
-    "uint1": 1, "uint2": 1, "uint3": 1, "uint4": 1, "uint5": 1, "uint6": 1, "uint7": 1,
-    "int1": 1, "int2": 1, "int3": 1, "int4": 1, "int5": 1, "int6": 1, "int7": 1,
-}  # fmt: skip
-
-#: ``torch.<alias>`` names of dtypes (``torch.float`` is ``torch.float32``).
-_DTYPE_ALIASES: dict[str, str] = {
-    "short": "int16", "int": "int32", "long": "int64", "half": "float16", "float": "float32",
-    "double": "float64", "chalf": "complex32", "cfloat": "complex64", "cdouble": "complex128",
-    "bit": "uint1",
-}  # fmt: skip
-
-#: Stand-in dtypes by every name torch has for them (``DTYPES["float"] is DTYPES["float32"]``).
-DTYPES: dict[str, DType] = {n: DType(n, size) for n, size in _DTYPE_ITEMSIZE.items()}
-DTYPES.update({alias: DTYPES[name] for alias, name in _DTYPE_ALIASES.items()})
-
-LAYOUTS: dict[str, Layout] = {
-    n: Layout(n) for n in ("strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc", "_mkldnn", "jagged")
-}
-MEMORY_FORMATS: dict[str, MemoryFormat] = {
-    n: MemoryFormat(n) for n in ("contiguous_format", "channels_last", "channels_last_3d", "preserve_format")
-}
-MEMORY_FORMATS["legacy_contiguous_format"] = MEMORY_FORMATS["contiguous_format"]
-
-
-def _get_layout(name: str) -> Layout:
-    """Stand-in for ``torch.serialization._get_layout``: ``"torch.strided"`` -> the layout
-    (``KeyError`` for a name torch does not know either)."""
-    if not isinstance(name, str) or not name.startswith("torch."):
-        raise KeyError(name)
-    return LAYOUTS[name.removeprefix("torch.")]
-
-
-class Size(tuple):
-    """Stand-in for ``torch.Size``: a tuple of ints."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return f"torch.Size({list(self)!r})"
-
-
-class _MemFormatEncoding(enum.Enum):
-    """Stand-in for DCP's ``_MEM_FORMAT_ENCODING`` (how ``TensorProperties`` pickles its memory format)."""
-
-    TORCH_CONTIGUOUS_FORMAT = 0
-    TORCH_CHANNELS_LAST = 1
-    TORCH_PRESERVE_FORMAT = 2
-
-
-_DECODED_MEMORY_FORMAT = {
-    _MemFormatEncoding.TORCH_CONTIGUOUS_FORMAT: MEMORY_FORMATS["contiguous_format"],
-    _MemFormatEncoding.TORCH_CHANNELS_LAST: MEMORY_FORMATS["channels_last"],
-    _MemFormatEncoding.TORCH_PRESERVE_FORMAT: MEMORY_FORMATS["preserve_format"],
-}
-
-
-@dataclass
-class ChunkStorageMetadata:
-    """Stand-in: one stored chunk of a tensor (global ``offsets`` and ``sizes``)."""
-
-    offsets: Size | None = None
-    sizes: Size | None = None
-
-
-@dataclass
-class TensorProperties:
-    """Stand-in: dtype, layout, ... of a stored tensor."""
-
-    dtype: DType | None = None
-    layout: Layout | None = None
-    requires_grad: bool = False
-    memory_format: MemoryFormat | None = None
-    pin_memory: bool = False
-
-    def __setstate__(self, state: Any) -> None:
-        # DCP pickles (dtype, layout, requires_grad, _MEM_FORMAT_ENCODING, pin_memory).
-        if isinstance(state, dict):
-            self.__dict__.update(state)
-            return
-        self.dtype, self.layout, self.requires_grad, encoding, self.pin_memory = state
-        if encoding not in _DECODED_MEMORY_FORMAT:
-            raise ValueError(f"invalid memory format encoding {encoding!r}")
-        self.memory_format = _DECODED_MEMORY_FORMAT[encoding]
-
-
-@dataclass
-class TensorStorageMetadata:
-    """Stand-in: a tensor entry (``properties``, global ``size``, stored ``chunks``)."""
-
-    properties: TensorProperties | None = None
-    size: Size | None = None
-    chunks: list[ChunkStorageMetadata] | None = None
-
-
-@dataclass
-class BytesStorageMetadata:
-    """Stand-in: a non-tensor (pickled value) entry."""
-
-
-@dataclass
-class StorageMeta:
-    """Stand-in: ids of the save."""
-
-    checkpoint_id: Any = None
-    save_id: str | None = None
-    load_id: str | None = None
-    modules: list[str] | None = None
-
-
-@dataclass
-class Metadata:
-    """Stand-in for DCP's ``Metadata`` (same attribute names)."""
-
-    state_dict_metadata: dict[str, Any] | None = None
-    planner_data: Any = None
-    storage_data: Any = None
-    storage_meta: StorageMeta | None = None
-    version: str | None = None
-
-
-@dataclass(frozen=True)
-class MetadataIndex:
-    """Stand-in: the key of ``Metadata.storage_data`` (equal and hashed by ``fqn`` and ``offset``)."""
-
-    fqn: str = ""
-    offset: Size | None = None
-    index: int | None = field(default=None, hash=False, compare=False)
-
-
-@dataclass
-class _StorageInfo:
-    """Stand-in for the filesystem storage's per-item location (file, byte offset, length)."""
-
-    relative_path: str | None = None
-    offset: int | None = None
-    length: int | None = None
-    transform_descriptors: Any = None
-
-
-_STANDINS: dict[tuple[str, str], Any] = {
-    (_DCP_METADATA_MODULE, "Metadata"): Metadata,
-    (_DCP_METADATA_MODULE, "MetadataIndex"): MetadataIndex,
-    (_DCP_METADATA_MODULE, "StorageMeta"): StorageMeta,
-    (_DCP_METADATA_MODULE, "TensorStorageMetadata"): TensorStorageMetadata,
-    (_DCP_METADATA_MODULE, "TensorProperties"): TensorProperties,
-    (_DCP_METADATA_MODULE, "ChunkStorageMetadata"): ChunkStorageMetadata,
-    (_DCP_METADATA_MODULE, "BytesStorageMetadata"): BytesStorageMetadata,
-    (_DCP_METADATA_MODULE, "_MEM_FORMAT_ENCODING"): _MemFormatEncoding,
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfo,
-    ("torch", "Size"): Size,
-    ("torch.serialization", "_get_layout"): _get_layout,
-}
-_DCP_STANDINS_BY_NAME = {name: obj for (module, name), obj in _STANDINS.items() if module.startswith(_DCP_PREFIX)}
-
-_LEGACY_MODULE = "torch.distributed._shard.sharded_tensor.metadata"
-#: Globals that DCP metadata written by torch <= 2.2 references, by the current DCP name they
-#: mean: DCP then reused the sharded-tensor module's ``TensorProperties`` (same fields, same
-#: ``(dtype, layout, requires_grad, encoding, pin_memory)`` pickled state) and its enum.
-#: They are read as today's DCP classes (torch mode) or the stand-ins (torch-free), so every
-#: reader sees one set of types; torch 2.13's ``dcp.load`` still reads such files.
-LEGACY_GLOBALS: dict[tuple[str, str], str] = {
-    (_LEGACY_MODULE, "TensorProperties"): "TensorProperties",
-    (_LEGACY_MODULE, "MEM_FORMAT_ENCODING"): "_MEM_FORMAT_ENCODING",
-}
-
-
-def _is_dcp_module(module: str) -> bool:
-    return module == _DCP_PREFIX or module.startswith(_DCP_PREFIX + ".")
-
-
-def _dcp_classes(name: str) -> tuple[type, ...]:
-    """The stand-in class ``name`` and, when DCP is imported, DCP's own class of that name."""
-    real = getattr(sys.modules.get(_DCP_METADATA_MODULE), name, None)
-    return (_DCP_STANDINS_BY_NAME[name],) + ((real,) if isinstance(real, type) else ())
-
-
-def is_tensor_entry(entry: Any) -> bool:
-    """Whether a ``state_dict_metadata`` value is a tensor entry (DCP's class or the stand-in)."""
-    return isinstance(entry, _dcp_classes("TensorStorageMetadata"))
-
-
-def is_bytes_entry(entry: Any) -> bool:
-    """Whether a ``state_dict_metadata`` value is a non-tensor entry (DCP's class or the stand-in)."""
-    return isinstance(entry, _dcp_classes("BytesStorageMetadata"))
-
 
 # -- resolving globals --------------------------------------------------------------------------
-class PathRecord(str):
-    """What a universal-pathlib path (``upath.*UPath``) in ``StorageMeta.checkpoint_id`` reads back
-    as: its text, nothing else (``dcp.save(..., checkpoint_id=UPath(...))`` records it there;
-    only the text is informative, and building a real UPath from a file could reach a file
-    system). Construction and state restore take any arguments and run nothing."""
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> PathRecord:
-        import posixpath
-
-        parts = [a for a in args if isinstance(a, str)]
-        return str.__new__(cls, posixpath.join(*parts) if parts else "")
-
-    def __setstate__(self, state: Any) -> None:
-        pass
-
-
-def _foreign_path(module: str, name: str) -> type | None:
-    """:class:`PathRecord` for a universal-pathlib path class, else None."""
-    if module.split(".", 1)[0] == "upath" and name.isidentifier() and name.endswith("Path"):
-        return PathRecord
-    return None
-
-
-def _resolve_stdlib(module: str, name: str) -> Any:
-    """An admitted ``pathlib`` / ``collections`` global (the same object in both modes)."""
-    if module == "collections":
-        import collections
-
-        return collections.OrderedDict
-    import pathlib
-
-    cls = vars(pathlib).get(name)
-    if cls is pathlib.WindowsPath and os.name != "nt":
-        return pathlib.PureWindowsPath
-    if cls is pathlib.PosixPath and os.name == "nt":
-        return pathlib.PurePosixPath
-    return cls
-
-
 def _resolve_torch(module: str, name: str) -> Any | None:
     """Torch mode: the torch object for an admitted global, or ``None`` if it is not admitted."""
     import torch
@@ -379,10 +139,10 @@ def _resolve_torch(module: str, name: str) -> Any | None:
     if not name.isidentifier():  # no dotted names: pickle would getattr along the chain
         return None
     if (module, name) in LEGACY_GLOBALS:
-        return vars(sys.modules[_DCP_METADATA_MODULE])[LEGACY_GLOBALS[(module, name)]]
+        return vars(sys.modules[DCP_METADATA_MODULE])[LEGACY_GLOBALS[(module, name)]]
     if (module, name) in ALLOWED_GLOBALS:
         if module.startswith("pathlib") or module == "collections":
-            return _resolve_stdlib(module, name)
+            return resolve_stdlib(module, name)
         mod = sys.modules.get(module)
         obj = vars(mod).get(name) if mod is not None else None
         if obj is not None:
@@ -391,14 +151,14 @@ def _resolve_torch(module: str, name: str) -> Any | None:
     if module == "torch":
         obj = vars(torch).get(name)
         return obj if isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)) else None
-    if (path_cls := _foreign_path(module, name)) is not None:
+    if (path_cls := foreign_path(module, name)) is not None:
         return path_cls
-    if _is_dcp_module(module):
+    if is_dcp_module(module):
         mod = sys.modules.get(module)
         obj = vars(mod).get(name) if mod is not None else None
         if (
             isinstance(obj, type)
-            and (getattr(obj, "__module__", "") or "").startswith(_DCP_PREFIX)
+            and (getattr(obj, "__module__", "") or "").startswith(DCP_PREFIX)
             and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum))
         ):
             return obj
@@ -413,17 +173,17 @@ def _resolve_standin(module: str, name: str) -> Any | None:
     if not name.isidentifier():
         return None
     if (module, name) in LEGACY_GLOBALS:
-        return _DCP_STANDINS_BY_NAME[LEGACY_GLOBALS[(module, name)]]
+        return DCP_STANDINS_BY_NAME[LEGACY_GLOBALS[(module, name)]]
     if (module, name) in ALLOWED_GLOBALS:
         if module.startswith("pathlib") or module == "collections":
-            return _resolve_stdlib(module, name)
-        return _STANDINS[(module, name)]
+            return resolve_stdlib(module, name)
+        return STANDINS[(module, name)]
     if module == "torch":
         return DTYPES.get(name) or LAYOUTS.get(name) or MEMORY_FORMATS.get(name)
-    if (path_cls := _foreign_path(module, name)) is not None:
+    if (path_cls := foreign_path(module, name)) is not None:
         return path_cls
-    if _is_dcp_module(module):
-        obj = _DCP_STANDINS_BY_NAME.get(name)
+    if is_dcp_module(module):
+        obj = DCP_STANDINS_BY_NAME.get(name)
         if obj is None:
             raise _NoStandIn(f"references {module}.{name}, a DCP type the torch-free reader does not know")
         return obj
@@ -475,7 +235,7 @@ def _unpickle(data: bytes, path: AnyPath | str, torch_free: bool) -> Any:
             + (f": {detail}" if detail else "")
             + ")"
         ) from None
-    expected = Metadata if torch_free else sys.modules[_DCP_METADATA_MODULE].Metadata
+    expected = Metadata if torch_free else sys.modules[DCP_METADATA_MODULE].Metadata
     if not isinstance(result, expected) or not isinstance(getattr(result, "state_dict_metadata", None), dict):
         raise MetadataError(f"{path}: not DCP metadata (holds a {type(result).__name__})")
     return result
@@ -620,93 +380,3 @@ def read_dcp_metadata(trainer_dir: AnyPath | str, *, torch_free: bool | None = N
             parts = [decode_metadata(_read_bytes(p), p, torch_free=False) for p in ranks]
         return merge_rank_metadata(parts, path.parent)
     return decode_metadata(data, path, torch_free=torch_free)
-
-
-# -- loading with torch -------------------------------------------------------------------------
-def _value_safe_globals() -> list[Any]:
-    """What non-tensor DCP values may hold beyond ``weights_only``'s defaults: ``io.BytesIO`` (a
-    documented DCP value type) and numpy arrays (array reconstruction, ``ndarray``, ``dtype`` and
-    the numeric dtype classes). None of them runs code on load; anything else stays refused."""
-    import numpy as np
-
-    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-    numeric = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
-               np.float16, np.float32, np.float64, np.complex64, np.complex128)
-    return [io.BytesIO, multiarray._reconstruct, np.ndarray, np.dtype, *{type(np.dtype(t)) for t in numeric}]
-
-
-_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
-
-
-def load_value(data: io.BytesIO, name: str) -> Any:
-    """One non-tensor DCP value (``torch.save`` bytes) with ``torch.load(weights_only=True)`` plus
-    :func:`_value_safe_globals`.
-
-    Raises:
-        UnsafeMetadataError: the value references anything else (one line naming the entry and
-            the refused type; nothing was executed).
-    """
-    import pickle
-
-    import torch
-
-    try:
-        with torch.serialization.safe_globals(_value_safe_globals()):
-            return torch.load(data, weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = _GLOBAL_RE.search(str(e))
-        what = f"a {found.group(1)}" if found else "a value the weights-only unpickler refuses"
-        raise UnsafeMetadataError(
-            f"entry {name!r} holds {what}: refused to load (tensors, plain values, numpy arrays and BytesIO are read); "
-            "nothing was executed"
-        ) from None
-
-
-@functools.cache
-def _torch_loaders() -> dict[str, type]:
-    """Define the classes that subclass DCP's (on first use, so importing this module does not
-    import torch)."""
-    import torch.distributed.checkpoint as dcp
-
-    class SafeFileSystemReader(dcp.FileSystemReader):
-        """DCP's ``FileSystemReader`` with ``.metadata`` read through :func:`read_dcp_metadata`."""
-
-        def read_metadata(self, *args: Any, **kwargs: Any) -> TorchMetadata:
-            from torch.distributed.checkpoint.metadata import StorageMeta
-
-            metadata = read_dcp_metadata(Path(str(self.path)), torch_free=False)
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
-
-    class SafeLoadPlanner(dcp.DefaultLoadPlanner):
-        """DCP's ``DefaultLoadPlanner`` that reads non-tensor values with :func:`load_value`.
-
-        The default planner unpickles every non-tensor entry of a ``.distcp`` file with
-        ``torch.load(weights_only=False)``; prime-ckpt only ever saves plain values there (ints,
-        floats, str, None, lists, dicts), which the ``weights_only`` unpickler admits; other tools
-        also save ``io.BytesIO`` values and numpy arrays (``np.random.get_state()``), admitted by
-        name.
-        """
-
-        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-            loaded = load_value(value, read_item.dest_index.fqn)
-            if self.flatten_state_dict:
-                from torch.distributed.checkpoint._traverse import set_element
-
-                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
-            else:
-                self.state_dict[read_item.dest_index.fqn] = loaded
-
-    classes: dict[str, type] = {"SafeFileSystemReader": SafeFileSystemReader, "SafeLoadPlanner": SafeLoadPlanner}
-    for name, cls in classes.items():
-        cls.__qualname__ = name  # importable (and picklable) as prime_ckpt.dcp_metadata.<name>
-    return classes
-
-
-def __getattr__(name: str) -> Any:
-    """``SafeFileSystemReader`` / ``SafeLoadPlanner`` (DCP subclasses; importing them imports torch)."""
-    if name in ("SafeFileSystemReader", "SafeLoadPlanner"):
-        return _torch_loaders()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

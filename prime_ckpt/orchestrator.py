@@ -21,7 +21,8 @@ import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from prime_ckpt.layout import CONSUMER_ACK_FILE, RunLayout
+from prime_ckpt.names import CONSUMER_ACK_FILE
+from prime_ckpt.run_layout import RunLayout
 from prime_ckpt.storage import AnyPath, atomic_write_bytes, is_remote, to_path
 
 _PLAIN = (int, float, str, bool, type(None))

@@ -53,7 +53,8 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
 from prime_ckpt.config import CheckpointConfig
-from prime_ckpt.dcp_metadata import SafeLoadPlanner, read_dcp_metadata
+from prime_ckpt.dcp_io import SafeLoadPlanner, dcp_reader, dcp_writer
+from prime_ckpt.dcp_metadata import read_dcp_metadata
 from prime_ckpt.errors import (
     CheckpointLoadError,
     IncompleteCheckpointError,
@@ -83,8 +84,6 @@ from prime_ckpt.storage import (
     AnyPath,
     atomic_write_bytes,
     clean_leftovers,
-    dcp_reader,
-    dcp_writer,
     is_remote,
     one_line,
     remove_tree,

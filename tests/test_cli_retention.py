@@ -135,7 +135,7 @@ def test_async_level_below_the_recorded_one_warns(tmp_path):
 def test_a_failed_delete_is_reported_once_and_its_leftover_named_then_cleaned(tmp_path, monkeypatch):
     import shutil
 
-    import prime_ckpt.storage as storage
+    import prime_ckpt.storage.deletes as storage
 
     make_run(tmp_path, [5, 10], [])
     real = shutil.rmtree

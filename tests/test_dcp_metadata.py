@@ -17,7 +17,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
-from prime_ckpt import dcp_metadata
+from prime_ckpt import dcp_metadata, dcp_standins
 from prime_ckpt.dcp_metadata import (
     ALLOWED_GLOBALS,
     DTYPES,
@@ -261,7 +261,7 @@ def test_dtype_table_matches_torch():
         assert (str(DTYPES[name]), DTYPES[name].itemsize) == (str(dtype), dtype.itemsize), name
     assert set(LAYOUTS) == {k for k, v in vars(torch).items() if isinstance(v, torch.layout)}
     for layout in LAYOUTS.values():
-        assert dcp_metadata._get_layout(str(layout)) is layout
+        assert dcp_standins._get_layout(str(layout)) is layout
         assert torch.serialization._get_layout(str(layout)) is getattr(torch, layout.name)
     formats = {k: v for k, v in vars(torch).items() if isinstance(v, torch.memory_format)}
     assert {k: str(v) for k, v in MEMORY_FORMATS.items()} == {k: str(v) for k, v in formats.items()}
@@ -287,7 +287,7 @@ def test_default_mode_is_torch_free_without_torch(real_dcp):
         str(real_dcp),
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["prime_ckpt.dcp_metadata", "[]"]
+    assert proc.stdout.split() == ["prime_ckpt.dcp_standins", "[]"]  # the stand-ins, no torch
 
 
 def test_default_mode_retries_with_torch_for_a_dcp_type_without_stand_in(tmp_path, real_dcp):
@@ -316,15 +316,16 @@ def test_default_mode_retries_with_torch_for_a_dcp_type_without_stand_in(tmp_pat
 
 
 def test_safe_loaders_are_dcp_subclasses_defined_on_first_use():
-    proc = _python("import sys, prime_ckpt.dcp_metadata as m; print('torch' in sys.modules)")
+    proc = _python("import sys, prime_ckpt.dcp_io as m; print('torch' in sys.modules)")
     assert proc.stdout.strip() == "False", proc.stderr
-    from prime_ckpt.dcp_metadata import SafeFileSystemReader, SafeLoadPlanner
+    from prime_ckpt import dcp_io
+    from prime_ckpt.dcp_io import SafeFileSystemReader, SafeLoadPlanner
 
     assert issubclass(SafeFileSystemReader, dcp.FileSystemReader) and issubclass(SafeLoadPlanner, dcp.DefaultLoadPlanner)
-    assert dcp_metadata.SafeFileSystemReader is SafeFileSystemReader
+    assert dcp_io.SafeFileSystemReader is SafeFileSystemReader
     assert pickle.loads(pickle.dumps(SafeLoadPlanner)) is SafeLoadPlanner
     with pytest.raises(AttributeError):
-        dcp_metadata.NoSuchThing  # noqa: B018
+        dcp_io.NoSuchThing  # noqa: B018
 
 
 @pytest.mark.parametrize("torch_free", [True, False])

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.planner import LoadItemType
 
-from prime_ckpt.loading import DirectReadMixin, _byte_range, _FileView, _locate, _NotDirect
+from prime_ckpt.loading import DirectReadMixin
+from prime_ckpt.tensor_blob import _byte_range, _FileView, _locate, _NotDirect
 
 
 class DirectReader(DirectReadMixin, FileSystemReader):
@@ -199,7 +200,7 @@ def test_byte_range_matches_narrow(region):
     expected = t
     for d, (o, n) in enumerate(zip(offsets, lengths)):
         expected = expected.narrow(d, o, n)
-    from prime_ckpt.loading import _Rebuilt, _Storage
+    from prime_ckpt.tensor_blob import _Rebuilt, _Storage
 
     desc = _Rebuilt(_Storage("0", torch.int64, t.numel()), 0, size, t.stride())
     raw = t.numpy().tobytes()
@@ -215,8 +216,8 @@ def test_byte_range_matches_narrow(region):
 
 
 def test_checkpointer_reader_takes_the_direct_path_locally(tmp_path):
-    """``storage.dcp_reader`` (what ``Checkpointer.load`` uses) reads local checkpoints directly."""
-    from prime_ckpt.storage import dcp_reader
+    """``dcp_io.dcp_reader`` (what ``Checkpointer.load`` uses) reads local checkpoints directly."""
+    from prime_ckpt.dcp_io import dcp_reader
 
     sd = {"w": torch.randn(8, 3), "b": torch.randn(3)}
     dcp.save(sd, storage_writer=FileSystemWriter(tmp_path), no_dist=True)
@@ -236,7 +237,7 @@ _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int8
 def test_guess_from_the_head_is_confirmed_and_equals_locate(tmp_path_factory, shape, dtype, prefix_len):
     """For torch.save blobs of any shape and dtype, the guess made from the blob's first bytes is
     what the zip's central directory says (the lean check confirms it, zipfile agrees)."""
-    from prime_ckpt.loading import _confirm_guess, _guess_data_start
+    from prime_ckpt.tensor_blob import _confirm_guess, _guess_data_start
 
     t = torch.zeros(shape, dtype=torch.float64).uniform_(-3, 3).to(dtype)
     blob = _blob(t)
@@ -277,7 +278,7 @@ def _with_central_entry(blob: bytes, name_suffix: bytes, field: int, value: int)
     (b"byteorder", 16, 0),  # the byte order entry's header is not where it says
 ])
 def test_confirm_refuses_what_the_central_directory_contradicts(tmp_path, suffix, field, value):
-    from prime_ckpt.loading import _confirm_guess, _guess_data_start
+    from prime_ckpt.tensor_blob import _confirm_guess, _guess_data_start
 
     blob = _blob(torch.arange(300, dtype=torch.float32))
     bad = _with_central_entry(blob, suffix, field, value)

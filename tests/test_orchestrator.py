@@ -102,7 +102,7 @@ def test_legacy_torch_save_format_falls_back_to_torch(tmp_path):
 KILLER = textwrap.dedent(
     """
     import os, signal, sys
-    from prime_ckpt import storage
+    from prime_ckpt.storage import writes
     from prime_ckpt.orchestrator import OrchestratorProgress, save_progress
     where = sys.argv[2]
     real_replace, real_fsync = os.replace, os.fsync
@@ -113,7 +113,7 @@ KILLER = textwrap.dedent(
     elif where == "before_rename":
         os.replace = die
     elif where == "after_rename":
-        storage.fsync_dir = die
+        writes.fsync_dir = die
     save_progress(sys.argv[1], OrchestratorProgress(step=20, total_samples=2))
     """
 )

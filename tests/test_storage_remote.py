@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from prime_ckpt.dcp_io import dcp_reader, dcp_writer
 from prime_ckpt.dcp_metadata import MetadataError, UnsafeMetadataError, read_dcp_metadata
 from prime_ckpt.layout import scan_checkpoints, scan_inventory
 from prime_ckpt.storage import (
     atomic_write,
     atomic_write_bytes,
     clean_leftovers,
-    dcp_reader,
-    dcp_writer,
     is_remote,
     list_tree,
     remove_tree,

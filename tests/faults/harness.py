@@ -251,11 +251,8 @@ def dcp_model_sha(trainer_dir: Path) -> str:
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         from examples.reverse_text.common import params_sha256
-        from prime_ckpt.dcp_metadata import (
-            SafeFileSystemReader,
-            SafeLoadPlanner,
-            read_dcp_metadata,
-        )
+        from prime_ckpt.dcp_io import SafeFileSystemReader, SafeLoadPlanner
+        from prime_ckpt.dcp_metadata import read_dcp_metadata
 
         prefix = "app.model."
         md = read_dcp_metadata(trainer_dir)
