@@ -20,13 +20,15 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
+from prime_ckpt.errors import PrimeCkptError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 
-class ConfigError(ValueError):
+class ConfigError(PrimeCkptError, ValueError):
     """A bad flag or config file; the message is one line naming the flag or file."""
 
 

@@ -86,6 +86,7 @@ from prime_ckpt.dcp_standins import (  # noqa: F401 - re-exported: the stand-in 
     is_tensor_entry,
     resolve_stdlib,
 )
+from prime_ckpt.errors import PrimeCkptError
 from prime_ckpt.names import DCP_METADATA_FILE
 from prime_ckpt.storage import AnyPath, is_remote, to_path
 
@@ -118,7 +119,7 @@ ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
 )
 
 
-class MetadataError(ValueError):
+class MetadataError(PrimeCkptError, ValueError):
     """A ``.metadata`` file is missing, truncated or not DCP metadata (one line, names the path)."""
 
 

@@ -21,6 +21,7 @@ import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from prime_ckpt.errors import PrimeCkptError
 from prime_ckpt.names import CONSUMER_ACK_FILE
 from prime_ckpt.run_layout import RunLayout
 from prime_ckpt.storage import AnyPath, atomic_write_bytes, is_remote, to_path
@@ -28,7 +29,7 @@ from prime_ckpt.storage import AnyPath, atomic_write_bytes, is_remote, to_path
 _PLAIN = (int, float, str, bool, type(None))
 
 
-class ProgressRecordError(ValueError):
+class ProgressRecordError(PrimeCkptError, ValueError):
     """``orchestrator.pt`` is unreadable or does not hold a progress record."""
 
 

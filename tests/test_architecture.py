@@ -124,6 +124,25 @@ def test_every_module_is_small():
     assert big == {}
 
 
+def test_every_error_is_a_prime_ckpt_error():
+    """Issue #17: one error base. Every public exception class the package defines subclasses
+    ``PrimeCkptError`` (an ``Exception``, so ``except Exception`` catches it)."""
+    import importlib
+    import inspect
+
+    from prime_ckpt.errors import PrimeCkptError
+
+    strays = []
+    for module in sorted(import_graph()):
+        mod = importlib.import_module(module)
+        for name, obj in vars(mod).items():
+            if (inspect.isclass(obj) and issubclass(obj, BaseException) and obj.__module__ == module
+                    and not name.startswith("_") and not issubclass(obj, PrimeCkptError)):
+                strays.append(f"{module}.{name}")
+    assert issubclass(PrimeCkptError, Exception)
+    assert strays == []
+
+
 def test_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
