@@ -29,8 +29,8 @@ _EXPORTS: dict[str, str] = {
     "save_orchestrator_checkpoint": "prime_ckpt.orchestrator",
     "load_orchestrator_checkpoint": "prime_ckpt.orchestrator",
     # layout, resumability, retention
-    "RunLayout": "prime_ckpt.layout",
-    "RUN_PARTS": "prime_ckpt.layout",
+    "RunLayout": "prime_ckpt.run_layout",
+    "RUN_PARTS": "prime_ckpt.names",
     "resolve_resume_step": "prime_ckpt.layout",
     "latest_complete_step": "prime_ckpt.layout",
     "RetentionPolicy": "prime_ckpt.retention",
