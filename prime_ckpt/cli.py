@@ -55,7 +55,7 @@ EXIT_CHECK_FAILED = 1
 #: Exit code for a bad path or an unreadable/unsafe file (same as click's usage errors).
 EXIT_USER_ERROR = 2
 
-class AsyncLevelError(ValueError):
+class AsyncLevelError(PrimeCkptError, ValueError):
     """``--async-level`` was not given and the run did not record one, but it has weights."""
 
 

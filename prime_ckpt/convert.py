@@ -50,6 +50,7 @@ from prime_ckpt.dcp_metadata import (
     has_dcp_metadata,
     read_dcp_metadata,
 )
+from prime_ckpt.errors import PrimeCkptError
 from prime_ckpt.foreign import foreign_checkpoint_kind, rank_shard_info
 from prime_ckpt.layout import (
     CHECKPOINTS_DIR,
@@ -71,7 +72,7 @@ MODEL_PREFIX = "app.model."
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-class ConvertError(ValueError):
+class ConvertError(PrimeCkptError, ValueError):
     """An input that cannot be read as asked, or an output that may not be written (one line,
     names the path)."""
 

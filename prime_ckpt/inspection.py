@@ -46,6 +46,7 @@ from prime_ckpt.dcp_metadata import (
     rank_metadata_files,
     read_dcp_metadata,
 )
+from prime_ckpt.errors import PrimeCkptError
 from prime_ckpt.foreign import titan_folder, titan_step, titan_step_parent
 from prime_ckpt.layout import (
     CHECKPOINTS_DIR,
@@ -91,7 +92,7 @@ _EXPECTED = (
 )
 
 
-class InspectError(ValueError):
+class InspectError(PrimeCkptError, ValueError):
     """The path is missing or not something :func:`describe` knows (one line, names the path)."""
 
 

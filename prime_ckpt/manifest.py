@@ -57,6 +57,7 @@ from typing import Any
 
 import xxhash
 
+from prime_ckpt.errors import PrimeCkptError
 from prime_ckpt.layout import (
     CHECKPOINTS_DIR,
     DCP_METADATA_FILE,
@@ -93,11 +94,11 @@ CHUNK_BYTES = 8 * 1024 * 1024
 OnBytes = Callable[[int], None]
 
 
-class ManifestError(ValueError):
+class ManifestError(PrimeCkptError, ValueError):
     """``manifest.json`` is unreadable or not a prime-ckpt manifest (one line, names the path)."""
 
 
-class VerifyTargetError(ValueError):
+class VerifyTargetError(PrimeCkptError, ValueError):
     """The path given to :func:`verify_path` is not something that can be verified."""
 
 

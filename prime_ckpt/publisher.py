@@ -53,7 +53,7 @@ import xxhash
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from prime_ckpt.errors import StepExistsError
+from prime_ckpt.errors import PrimeCkptError, StepExistsError
 from prime_ckpt.layout import (
     CONFIG_FILE,
     GENERATION_CONFIG_FILE,
@@ -98,7 +98,7 @@ EXPORT_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": t
 _WRAPPER_TOKENS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 
 
-class WeightsPublishError(RuntimeError):
+class WeightsPublishError(PrimeCkptError, RuntimeError):
     """A weights publish failed; raised on every rank.
 
     Attributes:

@@ -318,7 +318,7 @@ class TrainerState(Stateful):
             self.dataloader.load_state_dict(rank_state["dataloader"])
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(PrimeCkptError, RuntimeError):
     """A checkpoint save failed; raised on every rank.
 
     Attributes:

@@ -24,12 +24,13 @@ import torch.distributed as dist
 from safetensors.torch import load, load_file, save, save_file
 from torch import nn
 
+from prime_ckpt.errors import PrimeCkptError
 from prime_ckpt.layout import CONFIG_FILE, MODEL_FILE, WEIGHTS_MARKER, RunLayout, weights_complete, weights_files
 from prime_ckpt.manifest import safetensors_header, write_manifest
 from prime_ckpt.storage import AnyPath, atomic_write_bytes, fsync_dir, fsync_file, is_remote, remove_tree, to_path
 
 
-class WeightsNotReadyError(TimeoutError):
+class WeightsNotReadyError(PrimeCkptError, TimeoutError):
     """The weights of a step did not become complete within the timeout."""
 
 
