@@ -108,7 +108,8 @@ class WeightsStep:
     problem: str | None = None
 
 
-def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+def _step_dirs(root: Path) -> list[tuple[int, Path, list[str]]]:
+    """``(step, path, names inside)`` of each local ``step_<int>`` directory, by step."""
     if not root.is_dir():
         return []
     found = []
@@ -116,7 +117,7 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
         step = parse_step(entry.name)
         if step is not None and entry.is_dir(follow_symlinks=False):
             found.append((step, Path(entry.path)))
-    return sorted(found)
+    return [(step, path, _names(path)) for step, path in sorted(found)]
 
 
 def _names(path: Path) -> list[str]:
@@ -136,8 +137,7 @@ def scan_checkpoints(output_dir: AnyPath | str) -> list[CheckpointStep]:
     if is_remote(layout.checkpoints_dir):
         return _scan_checkpoints_remote(layout.checkpoints_dir)
     result = []
-    for step, path in _step_dirs(layout.checkpoints_dir):
-        names = _names(path)
+    for step, path, names in _step_dirs(layout.checkpoints_dir):
         foreign = foreign_reason("checkpoint", names)
         present = tuple(
             part for part, name in ((TRAINER_PART, TRAINER_PART), (ORCHESTRATOR_PART, ORCHESTRATOR_FILE)) if name in names
@@ -161,8 +161,7 @@ def scan_weights(output_dir: AnyPath | str) -> list[WeightsStep]:
     if is_remote(layout.weights_dir):
         return _scan_weights_remote(layout.weights_dir)
     result = []
-    for step, path in _step_dirs(layout.weights_dir):
-        names = _names(path)
+    for step, path, names in _step_dirs(layout.weights_dir):
         problem = weights_problem(path) if WEIGHTS_MARKER in names else None
         result.append(WeightsStep(step=step, path=path, complete=WEIGHTS_MARKER in names and problem is None,
                                   foreign=foreign_reason("weights", names), problem=problem))
