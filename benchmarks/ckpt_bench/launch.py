@@ -126,7 +126,10 @@ def launcher(s: Settings, argv: list[str]) -> Path:
         "settings": {"sizes": s.sizes, "world_sizes": s.world_sizes, "reps": s.reps, "quick": s.quick, "s3": s.s3,
                      "s3_max_size": s.s3_max_size, "step_size": s.step_size, "steps": s.steps,
                      "rss_saves": s.rss_saves, "rss_size": s.rss_size, "weights_sizes": s.weights_sizes,
-                     "weights_only": s.weights_only},
+                     "weights_only": s.weights_only,
+                     # only when narrowed: a subset of the cases, or cases from files outside the package
+                     **({"cases": s.cases} if s.cases is not None else {}),
+                     **({"case_modules": s.case_modules} if s.case_modules else {})},
         "errors": errors,
         "records": records,
         "extras": {str(k): v for k, v in extras.items()},
