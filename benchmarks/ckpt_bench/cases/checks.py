@@ -1,0 +1,134 @@
+"""Family ``checks``: measured once per world size, first, in a fresh worker process (after the
+size cases glibc holds gigabytes of freed memory, which would hide what a save adds): RSS during
+and over consecutive async saves (``rss``), and the step-time overhead of an async checkpoint
+every 10 steps (``step_overhead``). Each writes its entry of ``worker.extras``."""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import statistics
+import time
+
+from ckpt_bench.model import build_state, per_rank_state_bytes, train_step
+from ckpt_bench.registry import register
+from ckpt_bench.rss import RssSampler
+
+
+@register("rss", family="checks", phase="check", storages=())
+def rss_checks(w) -> None:
+    """RSS in a fresh process, in three phases of ``rss_saves`` iterations each:
+
+    1. training steps only, no Checkpointer yet: the training footprint (glibc keeps the
+       step's freed buffers, so RSS climbs for a few steps and then plateaus);
+    2. consecutive async saves (each waited for), no training: ``drift`` (the target);
+    3. a training step, then an async save, each iteration.
+
+    ``peak_extra_rss_vs_state`` = (highest RSS seen in phases 2-3, sampled every 5 ms during
+    each save and after each iteration) - (highest RSS of phase 1), over the per-rank state:
+    what checkpointing adds on top of training, staging buffers included."""
+    from prime_ckpt.config import CheckpointConfig
+    from prime_ckpt.trainer import Checkpointer, TrainerState
+
+    model, opt = build_state(w.s.rss_size, seed=2)
+    state = TrainerState(model, opt)
+    per_rank = per_rank_state_bytes(model)
+    n = w.s.rss_saves
+    step = 0
+    ck = None
+
+    def drift(values: list[int]) -> float:
+        return max(abs(a - values[0]) for a in values) / values[0]
+
+    def run(train: bool, save: bool) -> tuple[list[int], list[int]]:
+        nonlocal step
+        after: list[int] = []
+        peaks: list[int] = []
+        for _ in range(n):
+            if train:
+                train_step(model, opt, batch=4)
+            if save:
+                step += 1
+                with RssSampler() as rss:  # the save and its upload, nothing else
+                    ck.save(step, state)
+                    ck.wait()
+                peaks.append(rss.peak_rss)
+                if w.rank == 0 and step > 1:
+                    shutil.rmtree(ck.layout.step_dir(step - 1), ignore_errors=True)
+            gc.collect()
+            after.append(RssSampler().rss())
+        return after, peaks
+
+    train_only, _ = run(train=True, save=False)
+    ck = Checkpointer(w.root / "rss", CheckpointConfig(save_async=True), timeout_s=w.s.timeout)
+    after, peaks = run(train=False, save=True)
+    with_train, peaks_t = run(train=True, save=True)
+    ck.close()
+    base = max(train_only)
+    top = max(peaks + peaks_t + after + with_train)
+    vals = w.max_all([(top - base) / per_rank, drift(after), drift(with_train), drift(train_only)])
+    w.extras["rss"] = {
+        "world_size": w.ws,
+        "per_rank_state_bytes": per_rank,
+        "saves": n,
+        "rss_train_only_bytes": train_only,
+        "rss_before_bytes": base,
+        "rss_after_each_save_bytes": after,
+        "rss_after_train_and_save_bytes": with_train,
+        "peak_rss_bytes": top,
+        "peak_extra_rss_vs_state": vals[0],
+        "drift": vals[1],
+        "drift_train_and_save": vals[2],
+        "drift_train_only": vals[3],
+    }
+    w.log(f"rss: peak extra {vals[0]:.2f}x state over training alone, drift {vals[1] * 100:.1f}% over {n} saves "
+             f"({vals[2] * 100:.1f}% with a training step before each; training alone {vals[3] * 100:.1f}%)")
+
+
+
+@register("step_overhead", family="checks", phase="check", storages=())
+def step_overhead(w) -> None:
+    """The mean step time of a small FSDP2 MLP loop with an async checkpoint every 10 steps vs none
+    (interleaved blocks A B B A), into ``w.extras["step_overhead"]``."""
+    from prime_ckpt.config import CheckpointConfig
+    from prime_ckpt.trainer import Checkpointer, TrainerState
+
+    size = w.s.step_size
+    model, opt = build_state(size, seed=1)
+    state = TrainerState(model, opt)
+    ck = Checkpointer(w.root / "steps", CheckpointConfig(save_async=True, interval=10), timeout_s=w.s.timeout)
+    times: dict[str, list[float]] = {"none": [], "async_every_10": []}
+    step = 0
+    blocks = 4
+    per_block = max(10, w.s.steps // (blocks // 2))
+    for _ in range(3):  # warm-up (and the first save allocates the staging buffers)
+        train_step(model, opt, batch=32)
+    ck.save(10_000, state)
+    ck.wait()
+    for b in range(blocks):
+        mode = ("none", "async_every_10")[(b + b // 2) % 2]  # A B B A: no drift bias
+        for i in range(per_block):
+            w.barrier()
+            t0 = time.perf_counter()
+            train_step(model, opt, batch=32)
+            step += 1
+            if mode != "none" and (i + 1) % 10 == 0:
+                ck.save(step, state)
+            times[mode].append(w.max_all([time.perf_counter() - t0])[0])
+        ck.flush()  # also rank 0's save record and manifest, before the directory goes
+        if w.rank == 0:
+            shutil.rmtree(ck.layout.output_dir / "checkpoints", ignore_errors=True)
+        w.barrier()
+    ck.close()
+    mean = {k: statistics.fmean(v) for k, v in times.items()}
+    w.extras["step_overhead"] = {
+        "world_size": w.ws,
+        "state_bytes": w.sum_all(per_rank_state_bytes(model)),
+        "steps_per_mode": len(times["none"]),
+        "mean_step_s": mean,
+        "median_step_s": {k: statistics.median(v) for k, v in times.items()},
+        "ratio": mean["async_every_10"] / mean["none"],
+    }
+    w.log(f"step overhead: {w.extras['step_overhead']['ratio']:.3f}x mean step")
+    del model, opt
+

@@ -1,0 +1,116 @@
+"""The checkpoint targets (ratios of this run's medians at a reference configuration), the
+weights targets beside them, and a one-line explanation of each target that does not hold."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ckpt_bench import weights_report
+from ckpt_bench.common import GiB, find_record, fmt_size, median_of, target
+
+
+def compute_targets(records: list[dict], extras: dict[int, dict], world_sizes: list[int], sizes: list[int]) -> dict[str, Any]:
+    """The checkpoint targets (when checkpoint cases ran) and the weights targets (when weights
+    cases ran), from this run's medians."""
+    targets: dict[str, Any] = {}
+    if any(r["kind"] != "weights" for r in records):
+        targets.update(checkpoint_targets(records, extras, world_sizes, sizes))
+    targets.update(weights_report.compute_targets(records))
+    return targets
+
+
+def checkpoint_targets(records: list[dict], extras: dict[int, dict], world_sizes: list[int], sizes: list[int]) -> dict[str, Any]:
+    """The checkpoint targets, from this run's medians at the reference configuration (largest
+    world size; 1 GiB state if measured, else the largest size)."""
+    ws = max(world_sizes)
+    size = GiB if GiB in sizes else max(sizes)
+    # the S3 target is defined at 1 GiB: take it at the largest world size that measured 1 GiB on
+    # S3 (S3 at 1 GiB through moto is the slowest part of a run), else the largest S3 size
+    s3_runs = {(r["world_size"], r["size_bytes"]) for r in records if r["storage"] == "s3"}
+    s3_ws, s3_size = max(((w, z) for w, z in s3_runs if z == GiB), default=None) or max(
+        ((w, z) for w, z in s3_runs if w == ws), default=(ws, None))
+    ref = f"world size {ws}, {fmt_size(size)}"
+    targets: dict[str, Any] = {}
+
+    def put(name: str, value: float | None, limit: float, smaller_is_better: bool, how: str) -> None:
+        targets[name] = target(value, limit, smaller_is_better, how)
+
+    blk = median_of(find_record(records, "ckpt_async_thread", ws, size), "blocking_s")
+    mem = median_of(find_record(records, "memcpy", ws, size), "durable_s")
+    put("blocking_vs_memcpy", blk / mem if blk and mem else None, 1.3, True,
+        f"Checkpointer async (thread) blocking / warm memcpy of the per-rank bytes, median, {ref}")
+    if s3_size is not None:
+        a = median_of(find_record(records, "ckpt_async_thread", s3_ws, s3_size, "s3"), "blocking_s")
+        sy = median_of(find_record(records, "ckpt_sync", s3_ws, s3_size, "s3"), "durable_s")
+        put("async_blocking_vs_sync", a / sy if a and sy else None, 0.05, True,
+            f"S3 (moto): Checkpointer async (thread) blocking / Checkpointer sync save time, world size {s3_ws}, {fmt_size(s3_size)}")
+    else:
+        put("async_blocking_vs_sync", None, 0.05, True, "S3 not measured (--no-s3)")
+    raw = median_of(find_record(records, "raw_write", ws, size, "local"), "durable_s")
+    sync = median_of(find_record(records, "ckpt_sync", ws, size, "local"), "durable_s")
+    put("save_vs_raw_write", raw / sync if raw and sync else None, 0.8, False,
+        f"Checkpointer sync save throughput / raw write+fsync throughput (local disk), {ref}")
+    rr = median_of(find_record(records, "raw_read", ws, size, "local"), "durable_s")
+    ld = median_of(find_record(records, "ckpt_load", ws, size, "local"), "durable_s")
+    put("load_vs_raw_read", rr / ld if rr and ld else None, 0.8, False,
+        f"Checkpointer load throughput / raw read throughput (local disk, page cache dropped), {ref}")
+    so = extras.get(ws, {}).get("step_overhead")
+    put("step_overhead", (so["ratio"] - 1.0) if so else None, 0.03, True,
+        f"mean step time with an async checkpoint every 10 steps / without, minus 1; world size {ws}, "
+        f"{fmt_size(so['state_bytes']) if so else '?'} state")
+    rs = extras.get(ws, {}).get("rss")
+    put("async_peak_rss_vs_state", rs["peak_extra_rss_vs_state"] if rs else None, 1.2, True,
+        f"(highest RSS during async saves, alone and between training steps, staging buffers included) - (highest RSS of the "
+        f"same training steps without checkpointing, measured first) / per-rank state; "
+        f"world size {ws}, {fmt_size(rs['per_rank_state_bytes']) if rs else '?'} per rank")
+    put("rss_drift_20_saves", rs["drift"] if rs else None, 0.05, True,
+        f"max |RSS after save i - RSS after save 1| / RSS after save 1 over {rs['saves'] if rs else '?'} consecutive async saves "
+        f"(each waited for; max over ranks)")
+    targets["_reference"] = {"world_size": ws, "size_bytes": size, "s3_world_size": s3_ws, "s3_size_bytes": s3_size}
+    return targets
+
+
+
+def explain(result: dict[str, Any]) -> None:
+    """Attach a one-line 'why' (with the measurement) to each target that does not hold."""
+    weights_report.explain(result)
+    t = result["targets"]
+    ref = t.get("_reference", {})
+    recs = result["records"]
+    ws, size = ref.get("world_size"), ref.get("size_bytes")
+    if not ref:  # no checkpoint cases ran
+        return
+
+    def med(case: str, key: str, storage: str = "local", sz: int | None = None) -> float | None:
+        return median_of(find_record(recs, case, ws, sz or size, storage), key)
+
+    why: dict[str, str] = {}
+    if not t["blocking_vs_memcpy"]["holds"] and t["blocking_vs_memcpy"]["value"]:
+        st = med("ckpt_async_thread", "staging_s")
+        why["blocking_vs_memcpy"] = (
+            f"blocking {med('ckpt_async_thread', 'blocking_s'):.3f} s of which staging copy {st or 0:.3f} s; "
+            f"memcpy {med('memcpy', 'durable_s', 'memory'):.3f} s (staging copies each of the state's tensors from where it "
+            f"lives, one flat buffer is the floor); the rest is get_state_dict (FSDP2: a new DTensor and FQN per tensor) "
+            f"and DCP's async_save call (it hands planning and the write to the save thread)"
+        )
+    if not t["save_vs_raw_write"]["holds"] and t["save_vs_raw_write"]["value"]:
+        why["save_vs_raw_write"] = (
+            f"Checkpointer sync {med('ckpt_sync', 'durable_s'):.3f} s vs raw write+fsync {med('raw_write', 'durable_s'):.3f} s; "
+            f"dcp.save thread_count=2 {med('dcp_save_t2', 'durable_s') or float('nan'):.3f} s"
+        )
+    if not t["load_vs_raw_read"]["holds"] and t["load_vs_raw_read"]["value"]:
+        why["load_vs_raw_read"] = (
+            f"Checkpointer load {med('ckpt_load', 'durable_s'):.3f} s vs raw read {med('raw_read', 'durable_s'):.3f} s "
+            f"(DCP's own reader: {med('dcp_load', 'durable_s') or float('nan'):.3f} s); each local file is read by 8 "
+            f"threads, front to back (in a profile the reads plus parsing took 0.52-0.98 s against a 0.46-0.53 s raw "
+            f"read); the rest is DCP's load planning and the exchange of plans, get_state_dict/set_state_dict and "
+            f"parsing each tensor's zip header (~700 tensors per rank at 1 GiB; benchmarks/README.md)"
+        )
+    so = result["extras"].get(str(ws), {}).get("step_overhead")
+    if not t["step_overhead"]["holds"] and so:
+        why["step_overhead"] = (
+            f"{result['environment']['cpu_count']} CPU cores shared by {ws} training rank(s) and their background "
+            f"writer threads: the write competes with the training compute"
+        )
+    for k, w in why.items():
+        t[k]["why"] = w
