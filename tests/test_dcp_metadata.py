@@ -237,10 +237,10 @@ def test_default_mode_follows_torch_import(real_dcp):
 
 @pytest.mark.parametrize("name_filter", [None, "app.model.*", "meta.*"])
 def test_tensor_table_is_the_same_in_both_modes(real_dcp, monkeypatch, name_filter):
-    from prime_ckpt import inspection
+    from prime_ckpt import inspect_dcp
 
     def table(torch_free: bool):
-        monkeypatch.setattr(inspection, "read_dcp_metadata", lambda d: read_dcp_metadata(d, torch_free=torch_free))
+        monkeypatch.setattr(inspect_dcp, "read_dcp_metadata", lambda d: read_dcp_metadata(d, torch_free=torch_free))
         return dataclasses.asdict(describe_trainer_part(real_dcp, name_filter))
 
     free, backed = table(True), table(False)

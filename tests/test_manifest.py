@@ -11,6 +11,8 @@ import xxhash
 from dist_scripts.cli2_runs import copy_run, one_proc_run, snapshot, two_rank_run
 
 import prime_ckpt.manifest as manifest_mod
+import prime_ckpt.manifest_record as manifest_record_mod
+import prime_ckpt.verify as verify_mod
 from prime_ckpt.manifest import (
     MANIFEST_FILE,
     ManifestError,
@@ -117,7 +119,7 @@ def test_write_manifest_is_atomic_and_replaces(tmp_path, one):
 
 
 def test_hashing_reads_in_bounded_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(manifest_mod, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(manifest_record_mod, "CHUNK_BYTES", 1000)
     data = bytes(range(256)) * 40  # 10240 bytes
     f = tmp_path / "blob"
     f.write_bytes(data)
@@ -165,13 +167,13 @@ def _add_entries(step, entries):
 
 def _record_opens(monkeypatch):
     opened = []
-    real = manifest_mod.hash_file
+    real = verify_mod.hash_file
 
     def spy(path, on_bytes=None):
         opened.append(str(path))
         return real(path, on_bytes)
 
-    monkeypatch.setattr(manifest_mod, "hash_file", spy)
+    monkeypatch.setattr(verify_mod, "hash_file", spy)
     return opened
 
 
