@@ -351,14 +351,7 @@ class WeightsPublisher:
             dist.broadcast_object_list(box, src=0, group=self._pg)
 
 
-__all__ = [
-    "EXPORT_DTYPES",
-    "SAFETENSORS_DTYPES",
-    "PublishRecord",
-    "TensorSpec",
-    "WeightsPublishError",
-    "WeightsPublisher",
-    "assign_owners",
-    "chunk_bounds",
-    "safetensors_header",
+__all__ = [  # the old import paths: re-exported names
+    "EXPORT_DTYPES", "SAFETENSORS_DTYPES", "PublishRecord", "TensorSpec", "WeightsPublishError",
+    "WeightsPublisher", "assign_owners", "chunk_bounds", "safetensors_header",
 ]

@@ -339,28 +339,9 @@ def plan_sizes(p: Plan) -> dict[AnyPath, int]:
     return {e.path: tree_size(e.path) for e in p.entries}
 
 
-__all__ = [
-    "AHEAD_OF_CURRENT",
-    "CONSUMER",
-    "INCOMPLETE",
-    "INCOMPLETE_MAYBE_WRITING",
-    "IN_FLIGHT",
-    "KEEP_ALL",
-    "LIVE_WINDOW",
-    "NEWEST_COMPLETE",
-    "NEWEST_RESUMABLE",
-    "NOT_PINNED",
-    "ApplyResult",
-    "Plan",
-    "PlanEntry",
-    "RetentionConfigError",
-    "RetentionPolicy",
-    "RetentionRule",
-    "StepView",
-    "apply_plan",
-    "load_rule",
-    "plan",
-    "plan_output_dir",
-    "plan_sizes",
-    "with_consumer_ack",
+__all__ = [  # the old import paths: re-exported names
+    "AHEAD_OF_CURRENT", "CONSUMER", "INCOMPLETE", "INCOMPLETE_MAYBE_WRITING", "IN_FLIGHT",
+    "KEEP_ALL", "LIVE_WINDOW", "NEWEST_COMPLETE", "NEWEST_RESUMABLE", "NOT_PINNED", "ApplyResult",
+    "Plan", "PlanEntry", "RetentionConfigError", "RetentionPolicy", "RetentionRule", "StepView",
+    "apply_plan", "load_rule", "plan", "plan_output_dir", "plan_sizes", "with_consumer_ack",
 ]
