@@ -1,8 +1,10 @@
-"""Retention: a pure planner (inventory + policy -> keep/delete with reasons) and its executor.
+"""Retention planning: inventory + policy -> keep/delete for every step, with reasons.
 
 The planner does no I/O: it takes the inventory that :func:`prime_ckpt.layout.scan_inventory`
-read and returns a :class:`Plan`. The executor (:func:`apply_plan`) deletes and decides nothing;
-the trainer runs it on rank 0's background thread after each committed save.
+read and returns a :class:`Plan`. It composes small rules (:mod:`prime_ckpt.retention_rules`,
+each returning a reason to keep a step or None) and keeps the safety guards no rule may
+override. The executor (:func:`prime_ckpt.prune.apply_plan`, re-exported here) deletes and
+decides nothing; the trainer runs it on rank 0's background thread after each committed save.
 
 Rules (every one that applies is recorded as a reason on the entry):
 
@@ -44,87 +46,43 @@ Names that are not ``step_<int>`` never reach the inventory, so never appear in 
 from __future__ import annotations
 
 import dataclasses
-import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from prime_ckpt.errors import PrimeCkptError
 from prime_ckpt.layout import Inventory, detect_parts, missing_weights
-from prime_ckpt.storage import AnyPath, remove_tree
+from prime_ckpt.prune import ApplyResult, apply_plan
+from prime_ckpt.retention_rules import (
+    AHEAD_OF_CURRENT,
+    CONSUMER,
+    IN_FLIGHT,
+    INCOMPLETE,
+    INCOMPLETE_MAYBE_WRITING,
+    KEEP_ALL,
+    LIVE_WINDOW,
+    NEWEST_COMPLETE,
+    NEWEST_RESUMABLE,
+    NOT_PINNED,
+    AheadOfCurrent,
+    ConsumerAck,
+    KeepAll,
+    KeepEvery,
+    KeepNewest,
+    Kind,
+    LiveWindow,
+    PinnedBy,
+    RetentionConfigError,
+    RetentionRule,
+    StepView,
+    UserRule,
+    foreign_reason_text,
+    load_rule,
+    older_than_keep,
+    reasons,
+)
+from prime_ckpt.storage import AnyPath
 
-logger = logging.getLogger(__name__)
-
-Kind = Literal["checkpoint", "weights"]
 Action = Literal["keep", "delete"]
-
-# Reason strings (stable: they appear in `prime-ckpt plan --json`).
-IN_FLIGHT = "in flight"
-NEWEST_COMPLETE = "newest complete"
-NEWEST_RESUMABLE = "newest resumable (its weights window is complete)"
-KEEP_ALL = "keep=None keeps all"
-AHEAD_OF_CURRENT = "newer than current step (another run's)"
-INCOMPLETE = "incomplete"
-INCOMPLETE_MAYBE_WRITING = "incomplete but newer than the newest complete step (may still be written)"
-LIVE_WINDOW = "live async window"
-CONSUMER = "at or after the consumer's last acknowledged step"
-NOT_PINNED = "not pinned by any kept checkpoint or window"
-
-
-def _foreign(why: str) -> str:
-    return f"not this project's layout ({why}): never deleted"
-
-
-def _keep_latest(k: int) -> str:
-    return f"among the {k} newest complete"
-
-
-def _keep_interval(n: int) -> str:
-    return f"multiple of keep_interval={n}"
-
-
-def _weights_interval(n: int) -> str:
-    return f"multiple of weights_interval={n}"
-
-
-def _pinned_by(x: int, k: int) -> str:
-    return f"pinned by checkpoint step {x} (needs weights [{x - k}, {x}])"
-
-
-def _older_than_keep(k: int) -> str:
-    return f"older than the {k} newest complete"
-
-
-class RetentionConfigError(PrimeCkptError, ValueError):
-    """A retention policy that is invalid or could delete what resuming needs."""
-
-
-@dataclass(frozen=True)
-class StepView:
-    """What a retention rule sees of one step directory (pure data, no I/O).
-
-    Attributes:
-        kind: ``"checkpoint"`` or ``"weights"``.
-        step: the step (int).
-        complete: every part the run writes is complete (checkpoints; weights: ``COMPLETE``).
-        current_step: the step the plan is made at (the trainer's current step).
-        async_level: k of the seed's rule (checkpoint step x needs weights ``[x - k, x]``).
-    """
-
-    kind: Kind
-    step: int
-    complete: bool
-    current_step: int
-    async_level: int
-
-
-#: A user-provided retention rule: a callable given a :class:`StepView` that returns a reason to
-#: keep the step (a short text, shown in ``plan`` like the built-in reasons) or ``None``. Rules
-#: only keep, never delete; they see only complete steps that are this project's and not
-#: newer than the current step (the safety guards decide the rest: in-flight, foreign,
-#: incomplete, newest complete). A checkpoint a rule keeps pins its weights ``[x - k, x]``.
-#: Examples: keep the best eval step, keep the steps an evaluation job has not finished.
-RetentionRule = Callable[[StepView], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -209,6 +167,34 @@ class Plan:
         return None
 
 
+def checkpoint_rules(policy: RetentionPolicy, complete_steps: Iterable[int]) -> list[RetentionRule]:
+    """The rules that keep complete checkpoint steps of this run, in reason order: ``keep``
+    (:class:`KeepAll` / :class:`KeepNewest` over ``complete_steps``), ``keep_interval``, then the
+    user's rules."""
+    rules: list[RetentionRule] = [KeepAll() if policy.keep is None else KeepNewest.of(policy.keep, complete_steps)]
+    if policy.keep_interval:
+        rules.append(KeepEvery(policy.keep_interval, "keep_interval"))
+    return rules + [UserRule(r) for r in policy.rules]
+
+
+def weights_rules(policy: RetentionPolicy, pinning: Iterable[int]) -> list[RetentionRule]:
+    """The rules that keep weights steps, in reason order (the user's rules are not among them:
+    they see only complete weights of this run). ``pinning``: the kept (and in-flight)
+    checkpoint steps, ascending."""
+    rules: list[RetentionRule] = [KeepAll()] if policy.keep is None else []
+    rules += [AheadOfCurrent(), *(PinnedBy(x) for x in pinning), LiveWindow()]
+    if policy.consumer_step is not None:
+        rules.append(ConsumerAck(policy.consumer_step))
+    if policy.weights_interval:
+        rules.append(KeepEvery(policy.weights_interval, "weights_interval"))
+    return rules
+
+
+def _entry(path: AnyPath, kind: Kind, step: int, keep: list[str], delete: tuple[str, ...]) -> PlanEntry:
+    """Kept when any reason to keep applies, else deleted for the ``delete`` reasons."""
+    return PlanEntry(path, kind, step, "keep", tuple(keep)) if keep else PlanEntry(path, kind, step, "delete", delete)
+
+
 def plan(
     inventory: Inventory,
     policy: RetentionPolicy,
@@ -217,6 +203,11 @@ def plan(
     in_flight: Iterable[int] = (),
 ) -> Plan:
     """Decide keep/delete for every step directory in ``inventory`` (pure; no I/O).
+
+    The safety guards come first and no rule overrides them: a foreign directory, an in-flight
+    step and a checkpoint newer than ``current_step`` are kept alone; the newest complete and the
+    newest resumable checkpoints are always kept; an incomplete step is deleted only when older
+    than the newest complete one. The rules (:mod:`prime_ckpt.retention_rules`) add the rest.
 
     Args:
         inventory: the checkpoint and weights step directories on disk.
@@ -243,147 +234,50 @@ def plan(
     ours = [c for c in ckpts if c.step <= current_step and c.foreign is None]
     complete_steps = sorted((c.step for c in ours if complete(c)), reverse=True)
     newest_complete = complete_steps[0] if complete_steps else None
-    latest_k = set(complete_steps if policy.keep is None else complete_steps[: policy.keep])
     newest_resumable = next((x for x in complete_steps if not missing_weights(x, k, weights)), None)
+    rules = checkpoint_rules(policy, complete_steps)
 
     entries: list[PlanEntry] = []
-    kept_ckpt_steps: list[int] = []
     for c in ckpts:
-        keep_reasons: list[str] = []
-        delete_reasons: list[str] = []
+        view = StepView("checkpoint", c.step, complete(c), current_step, k)
+        keep: list[str] = []
+        delete: tuple[str, ...] = ()
         if c.foreign is not None:
-            keep_reasons.append(_foreign(c.foreign))
+            keep = [foreign_reason_text(c.foreign)]
         elif c.step in in_flight_set:
-            keep_reasons.append(IN_FLIGHT)
+            keep = [IN_FLIGHT]
         elif c.step > current_step:
-            keep_reasons.append(AHEAD_OF_CURRENT)
-        elif complete(c):
-            if c.step == newest_complete:
-                keep_reasons.append(NEWEST_COMPLETE)
+            keep = [AHEAD_OF_CURRENT]
+        elif view.complete:
+            keep = [NEWEST_COMPLETE] if c.step == newest_complete else []
             if c.step == newest_resumable and newest_resumable != newest_complete:
-                keep_reasons.append(NEWEST_RESUMABLE)
-            if c.step in latest_k:
-                keep_reasons.append(KEEP_ALL if policy.keep is None else _keep_latest(policy.keep))
-            if policy.keep_interval and c.step % policy.keep_interval == 0:
-                keep_reasons.append(_keep_interval(policy.keep_interval))
-            keep_reasons += _rule_reasons(policy, StepView("checkpoint", c.step, True, current_step, k))
-            if not keep_reasons:
-                delete_reasons.append(_older_than_keep(policy.keep or 0))
+                keep.append(NEWEST_RESUMABLE)
+            keep += reasons(rules, view)
+            delete = (older_than_keep(policy.keep or 0),)
+        elif newest_complete is not None and c.step < newest_complete:
+            delete = (INCOMPLETE,)
         else:
-            if newest_complete is not None and c.step < newest_complete:
-                delete_reasons.append(INCOMPLETE)
-            else:
-                keep_reasons.append(INCOMPLETE_MAYBE_WRITING)
-        if keep_reasons:
-            if c.foreign is None:
-                kept_ckpt_steps.append(c.step)
-            entries.append(PlanEntry(c.path, "checkpoint", c.step, "keep", tuple(keep_reasons)))
-        else:
-            entries.append(PlanEntry(c.path, "checkpoint", c.step, "delete", tuple(delete_reasons)))
+            keep = [INCOMPLETE_MAYBE_WRITING]
+        entries.append(_entry(c.path, "checkpoint", c.step, keep, delete))
     # An in-flight step may not be on disk yet; its window is pinned all the same.
-    pinning = sorted(set(kept_ckpt_steps) | in_flight_set)
+    kept = {c.step for c, e in zip(ckpts, entries) if e.action == "keep" and c.foreign is None}
+    pinning = sorted(kept | in_flight_set)
+    rules = weights_rules(policy, pinning)
+    user = [UserRule(r) for r in policy.rules]
 
     complete_weights = [w.step for w in weights if w.complete and w.step <= current_step and w.foreign is None]
     newest_weights = max(complete_weights) if complete_weights else None
     for w in weights:
-        reasons: list[str] = []
-        if w.foreign is not None:
-            reasons.append(_foreign(w.foreign))
-        if policy.keep is None:
-            reasons.append(KEEP_ALL)
-        if w.step > current_step:
-            reasons.append(AHEAD_OF_CURRENT)
-        for x in pinning:
-            if x - k <= w.step <= x:
-                reasons.append(_pinned_by(x, k))
-        if current_step - k <= w.step <= current_step:
-            reasons.append(LIVE_WINDOW)
-        if policy.consumer_step is not None and w.step >= policy.consumer_step:
-            reasons.append(CONSUMER)
-        if policy.weights_interval and w.step % policy.weights_interval == 0:
-            reasons.append(_weights_interval(policy.weights_interval))
+        view = StepView("weights", w.step, w.complete, current_step, k)
+        keep = [foreign_reason_text(w.foreign)] if w.foreign is not None else []
+        keep += reasons(rules, view)
         if w.foreign is None and w.complete and w.step <= current_step:
-            reasons += _rule_reasons(policy, StepView("weights", w.step, True, current_step, k))
-        if not w.complete and not reasons and (newest_weights is None or w.step > newest_weights):
-            reasons.append(INCOMPLETE_MAYBE_WRITING)
-        if reasons:
-            entries.append(PlanEntry(w.path, "weights", w.step, "keep", tuple(reasons)))
-        else:
-            entries.append(PlanEntry(w.path, "weights", w.step, "delete", (INCOMPLETE,) if not w.complete else (NOT_PINNED,)))
+            keep += reasons(user, view)
+        if not w.complete and not keep and (newest_weights is None or w.step > newest_weights):
+            keep.append(INCOMPLETE_MAYBE_WRITING)
+        entries.append(_entry(w.path, "weights", w.step, keep, (NOT_PINNED,) if w.complete else (INCOMPLETE,)))
     entries.sort(key=lambda e: (e.kind, e.step))
     return Plan(tuple(entries))
-
-
-def _rule_reasons(policy: RetentionPolicy, view: StepView) -> list[str]:
-    """The keep reasons the policy's user rules give ``view`` (each as ``rule <name>: <reason>``).
-
-    Raises:
-        RetentionConfigError: a rule raised or returned something other than text or None (one
-            line naming the rule and the step; the plan is not made, so nothing is deleted).
-    """
-    out = []
-    for rule in policy.rules:
-        name = getattr(rule, "__name__", type(rule).__name__)
-        try:
-            reason = rule(view)
-        except Exception as e:
-            raise RetentionConfigError(f"retention rule {name} failed on {view.kind} step {view.step}: {type(e).__name__}: {e}") from e
-        if reason is not None and not isinstance(reason, str):
-            raise RetentionConfigError(f"retention rule {name} returned {reason!r} for {view.kind} step {view.step}; expected a reason (str) or None")
-        if reason:
-            out.append(f"rule {name}: {reason}")
-    return out
-
-
-def load_rule(spec: str) -> RetentionRule:
-    """The rule a ``MODULE:NAME`` spec names (``prime-ckpt plan --rule mypkg.rules:keep_best``):
-    imports ``MODULE`` (the user's own code, named on the command line) and returns ``NAME``.
-
-    Raises:
-        RetentionConfigError: the spec is malformed, the module cannot be imported, or the name
-            is missing or not callable (one line naming the spec).
-    """
-    import importlib
-
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise RetentionConfigError(f"--rule {spec}: expected MODULE:NAME (a callable taking a StepView)")
-    try:
-        obj = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise RetentionConfigError(f"--rule {spec}: {type(e).__name__}: {e}") from None
-    if not callable(obj):
-        raise RetentionConfigError(f"--rule {spec}: {name} is not callable")
-    return obj
-
-
-@dataclass
-class ApplyResult:
-    """What :func:`apply_plan` did: paths deleted, already gone, and failures (path, error)."""
-
-    deleted: list[AnyPath] = field(default_factory=list)
-    already_gone: list[AnyPath] = field(default_factory=list)
-    failed: list[tuple[AnyPath, str]] = field(default_factory=list)
-
-
-def apply_plan(p: Plan, *, remove: Callable[[AnyPath], bool] = remove_tree) -> ApplyResult:
-    """Delete every ``delete`` entry of ``p`` (checkpoints first, then weights).
-
-    A path that is already gone is not an error; an ``OSError`` is logged and recorded in
-    ``failed`` and the rest carries on. Decides nothing.
-    """
-    result = ApplyResult()
-    for e in sorted(p.deletes, key=lambda e: (e.kind != "checkpoint", e.step)):
-        try:
-            if remove(e.path):
-                result.deleted.append(e.path)
-                logger.info("retention: deleted %s (%s)", e.path, "; ".join(e.reasons))
-            else:
-                result.already_gone.append(e.path)
-        except OSError as err:
-            logger.warning("retention: could not delete %s: %s", e.path, err)
-            result.failed.append((e.path, f"{type(err).__name__}: {err}"))
-    return result
 
 
 def with_consumer_ack(policy: RetentionPolicy, output_dir: AnyPath | str) -> RetentionPolicy:
@@ -443,3 +337,11 @@ def plan_sizes(p: Plan) -> dict[AnyPath, int]:
     from prime_ckpt.storage import tree_size
 
     return {e.path: tree_size(e.path) for e in p.entries}
+
+
+__all__ = [  # the old import paths: re-exported names
+    "AHEAD_OF_CURRENT", "CONSUMER", "INCOMPLETE", "INCOMPLETE_MAYBE_WRITING", "IN_FLIGHT",
+    "KEEP_ALL", "LIVE_WINDOW", "NEWEST_COMPLETE", "NEWEST_RESUMABLE", "NOT_PINNED", "ApplyResult",
+    "Plan", "PlanEntry", "RetentionConfigError", "RetentionPolicy", "RetentionRule", "StepView",
+    "apply_plan", "load_rule", "plan", "plan_output_dir", "plan_sizes", "with_consumer_ack",
+]

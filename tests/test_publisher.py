@@ -125,7 +125,7 @@ def test_publish_bad_dtype_names_the_value(tmp_path):
 
 
 def test_failed_publish_raises_at_next_call_and_leaves_no_complete(tmp_path, monkeypatch):
-    import prime_ckpt.publisher as mod
+    import prime_ckpt.redistribute as mod  # where the shard write looks up atomic_write_streamed
 
     model = Small()
     pub = WeightsPublisher(tmp_path, save_async=True)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from _hf import shard, tiny_llama, tiny_tokenizer
 from torch.distributed.tensor import DTensor
 
-import prime_ckpt.publisher as publisher_mod
+import prime_ckpt.redistribute as redistribute_mod
 from prime_ckpt.layout import scan_weights
 from prime_ckpt.publisher import WeightsPublisher, WeightsPublishError
 
@@ -91,7 +91,7 @@ def main() -> None:
     if rank == failing:
         def no_space(path, write):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        publisher_mod.atomic_write_streamed = no_space
+        redistribute_mod.atomic_write_streamed = no_space  # where the shard write looks it up
     try:
         pub.publish(2, model)
         pub.close()
