@@ -19,7 +19,7 @@ from prime_ckpt.storage import atomic_write_bytes, one_line, tree_size
 logger = logging.getLogger("prime_ckpt.trainer")
 
 #: Consecutive saves whose post-commit work (save record, manifest, retention) failed before the
-#: next ``save()`` raises :class:`PostCommitError`. One failure can be transient (an object-store
+#: next ``save()`` raises :class:`~prime_ckpt.errors.PostCommitError`. One failure can be transient (an object-store
 #: request that timed out, a file briefly held open); the next save's job retries everything, as
 #: retention plans the whole directory each time. Three in a row is a persistent fault: pruning
 #: has not run for three intervals, so the disk holds at most three checkpoints beyond ``keep``,

@@ -9,7 +9,7 @@ from typing import Any
 from prime_ckpt.errors import NotResumableError, PrimeCkptError, RunLeaseError
 from prime_ckpt.layout import CheckpointNotFoundError, RunLayout, resolve_resume_step
 from prime_ckpt.run import RunEntry, enter_run
-from prime_ckpt.state import current_rank, rank0_decision
+from prime_ckpt.state import rank0_decision
 from prime_ckpt.storage import one_line
 
 
@@ -47,7 +47,7 @@ def enter_everywhere(
     errors = {"lease": RunLeaseError, "missing": NotResumableError, "invalid": ValueError, "error": PrimeCkptError}
     if status in errors:
         raise errors[status](value)
-    return entry[0] if current_rank() == 0 else None, value, rid
+    return entry[0], value, rid  # entry[0] is set on rank 0 only
 
 
 def resolve_everywhere(layout: RunLayout, resume_step: int, parts: tuple[str, ...], async_level: int, group: Any) -> int | None:
