@@ -406,7 +406,7 @@ def test_post_commit_failures_are_recorded_and_raise_after_the_limit(tmp_path, m
     Exception, one line) before writing anything; a success resets the count."""
     import json
 
-    from prime_ckpt import trainer as trainer_mod
+    from prime_ckpt import commit as commit_mod
     from prime_ckpt.config import CheckpointConfig
     from prime_ckpt.errors import PostCommitError, PrimeCkptError
     from prime_ckpt.trainer import POST_COMMIT_FAILURE_LIMIT, Checkpointer
@@ -414,14 +414,14 @@ def test_post_commit_failures_are_recorded_and_raise_after_the_limit(tmp_path, m
     assert POST_COMMIT_FAILURE_LIMIT == 3
     _, state = _small_state()
     broken = {"on": True}
-    real_apply = trainer_mod.apply_plan
+    real_apply = commit_mod.apply_plan
 
     def apply(plan):
         if broken["on"]:
             raise OSError(28, "No space left on device")
         return real_apply(plan)
 
-    monkeypatch.setattr(trainer_mod, "apply_plan", apply)
+    monkeypatch.setattr(commit_mod, "apply_plan", apply)
     ck = Checkpointer(tmp_path, CheckpointConfig(interval=1, keep=1))
     try:
         ck.save(1, state)

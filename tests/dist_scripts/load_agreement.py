@@ -31,7 +31,7 @@ import torch.distributed as dist
 from _common import build, full_state, init
 
 import prime_ckpt.loading
-import prime_ckpt.trainer
+import prime_ckpt.restore
 from prime_ckpt.config import CheckpointConfig
 from prime_ckpt.dcp_metadata import MetadataError
 from prime_ckpt.errors import CheckpointLoadError, IncompleteCheckpointError, ProgressMismatchError
@@ -114,15 +114,15 @@ def main() -> None:
     assert isinstance(err, FileNotFoundError) and isinstance(err, CheckpointLoadError)
 
     # 12: rank 1 alone cannot read .metadata
-    real_read = prime_ckpt.trainer.read_dcp_metadata
+    real_read = prime_ckpt.restore.read_dcp_metadata
     if rank == 1:
         def stale(path, **kw):
             raise MetadataError(f"{path}/.metadata: cannot read (Stale file handle)")
-        prime_ckpt.trainer.read_dcp_metadata = stale
+        prime_ckpt.restore.read_dcp_metadata = stale
     err = expect_error(rank, world, "metadata", CheckpointLoadError, lambda: ck.load(2, state))
     assert err.failures == {1: f"MetadataError: {trainer_dir}/.metadata: cannot read (Stale file handle)"}, err.failures
     assert isinstance(err.__cause__, MetadataError) == (rank == 1), repr(err.__cause__)
-    prime_ckpt.trainer.read_dcp_metadata = real_read
+    prime_ckpt.restore.read_dcp_metadata = real_read
 
     # 12: rank 1's data read fails inside DCP
     real_read_data = prime_ckpt.loading.DirectReadMixin.read_data

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from _common import build, full_state, init
 from pydantic import Field
 
-import prime_ckpt.trainer as trainer_mod
+import prime_ckpt.saving as saving_mod
 from prime_ckpt.config import CheckpointConfig, CliSettings, StorageConfig, parse_cli
 from prime_ckpt.layout import RUN_PARTS
 from prime_ckpt.orchestrator import OrchestratorProgress, load_orchestrator_checkpoint, save_orchestrator_checkpoint
@@ -55,7 +55,7 @@ class Args(CliSettings):
 
 
 def gate_step_2(gate: Path, rank: int) -> None:
-    real_factory = trainer_mod.dcp_writer
+    real_factory = saving_mod.dcp_writer
 
     def factory(path, storage_options=None, **kwargs):
         writer = real_factory(path, storage_options, **kwargs)
@@ -74,7 +74,7 @@ def gate_step_2(gate: Path, rank: int) -> None:
             writer.write_data = write_data
         return writer
 
-    trainer_mod.dcp_writer = factory
+    saving_mod.dcp_writer = factory
 
 
 def train_step(model, opt, sched) -> None:

@@ -8,12 +8,12 @@ from pathlib import Path
 import torch.distributed as dist
 from _common import build, init
 
-import prime_ckpt.trainer as trainer_mod
+import prime_ckpt.saving as saving_mod
 from prime_ckpt.config import CheckpointConfig
 from prime_ckpt.trainer import Checkpointer, TrainerState
 
 removed: list[str] = []
-_remove_tree = trainer_mod.remove_tree
+_remove_tree = saving_mod.remove_tree
 
 
 def recording_remove_tree(path):
@@ -24,7 +24,7 @@ def recording_remove_tree(path):
 def main() -> None:
     out = Path(sys.argv[1])
     rank, _ = init()
-    trainer_mod.remove_tree = recording_remove_tree
+    saving_mod.remove_tree = recording_remove_tree
     model, opt, sched = build(seed=0)
     state = TrainerState(model, opt, sched)
     ck = Checkpointer(out, CheckpointConfig(interval=1))
