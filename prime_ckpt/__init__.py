@@ -15,11 +15,11 @@ from typing import Any
 #: public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
     # the trainer side
-    "Checkpointer": "prime_ckpt.trainer",
-    "TrainerState": "prime_ckpt.trainer",
-    "Progress": "prime_ckpt.trainer",
-    "SaveRecord": "prime_ckpt.trainer",
-    "CheckpointSaveError": "prime_ckpt.trainer",
+    "Checkpointer": "prime_ckpt.checkpointer",
+    "TrainerState": "prime_ckpt.state",
+    "Progress": "prime_ckpt.state",
+    "SaveRecord": "prime_ckpt.save_record",
+    "CheckpointSaveError": "prime_ckpt.saving",
     "CheckpointConfig": "prime_ckpt.config",
     "WeightsConfig": "prime_ckpt.config",
     "WeightsPublisher": "prime_ckpt.publisher",
@@ -34,13 +34,13 @@ _EXPORTS: dict[str, str] = {
     "resolve_resume_step": "prime_ckpt.layout",
     "latest_complete_step": "prime_ckpt.layout",
     "RetentionPolicy": "prime_ckpt.retention",
-    "RetentionRule": "prime_ckpt.retention",
-    "StepView": "prime_ckpt.retention",
+    "RetentionRule": "prime_ckpt.retention_rules",
+    "StepView": "prime_ckpt.retention_rules",
     "plan_output_dir": "prime_ckpt.retention",
-    "apply_plan": "prime_ckpt.retention",
+    "apply_plan": "prime_ckpt.prune",
     # inspection
     "describe": "prime_ckpt.inspection",
-    "list_run": "prime_ckpt.inspection",
+    "list_run": "prime_ckpt.run_table",
     "read_dcp_metadata": "prime_ckpt.dcp_metadata",
     # errors
     "PrimeCkptError": "prime_ckpt.errors",

@@ -19,6 +19,7 @@ from prime_ckpt.config import CheckpointConfig
 from prime_ckpt.errors import PostCommitError, StepExistsError
 from prime_ckpt.gc_pause import gc_paused
 from prime_ckpt.layout import TRAINER_PART, RunLayout
+from prime_ckpt.lifecycle import WaitThenRelease
 from prime_ckpt.restore import check_unused_rank_state, load_checkpoint
 from prime_ckpt.retention import RetentionPolicy, RetentionRule
 from prime_ckpt.run import DEFAULT_LEASE_TTL_S, RunEntry
@@ -33,7 +34,7 @@ from prime_ckpt.storage import AnyPath, clean_leftovers, one_line, to_path
 logger = logging.getLogger("prime_ckpt.trainer")
 
 
-class Checkpointer:
+class Checkpointer(WaitThenRelease):
     """Saves and loads a :class:`TrainerState` under ``<output_dir>/checkpoints/step_<N>/trainer``.
 
     Args:
@@ -289,37 +290,27 @@ class Checkpointer:
         self._commit.drain()
         return record
 
-    def __enter__(self) -> Checkpointer:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        """``with Checkpointer(...) as ckpt:`` closes on exit (waits for the last save, releases
-        the lease); an error of the last save is raised, chained to the body's error if any."""
-        self.close()
-
     def close(self) -> None:
         """Wait for the last save and the post-commit work, release the staging buffers and
-        synchronise the ranks; raises the last save's error. Safe to call twice. The dedicated
-        gloo group is released by ``torch.distributed.destroy_process_group()``."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self.wait()
-        finally:
-            self._commit.close()
-            if self._stager is not None:
-                self._stager.close()
-                self._stager = None
-            if self._entry is not None and self._entry.lease is not None:
-                self._entry.lease.release()
-            if self._pg is not None:
-                # Every rank must be past its last collective on the save group before the run
-                # goes on (or exits): a rank whose upload finished first would otherwise leave
-                # while a peer still receives DCP's final broadcast. The group itself is torn
-                # down with all the others by the caller's destroy_process_group(): destroying
-                # it separately added a teardown step that occasionally aborted gloo at exit.
-                dist.barrier(group=self._pg)
+        the lease and synchronise the ranks; raises the last save's error. Safe to call twice.
+        ``with Checkpointer(...) as ckpt:`` closes on exit. The dedicated gloo group is released
+        by ``torch.distributed.destroy_process_group()``."""
+        super().close()
+
+    def _release(self) -> None:
+        self._commit.close()
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+        if self._entry is not None and self._entry.lease is not None:
+            self._entry.lease.release()
+        if self._pg is not None:
+            # Every rank must be past its last collective on the save group before the run
+            # goes on (or exits): a rank whose upload finished first would otherwise leave
+            # while a peer still receives DCP's final broadcast. The group itself is torn
+            # down with all the others by the caller's destroy_process_group(): destroying
+            # it separately added a teardown step that occasionally aborted gloo at exit.
+            dist.barrier(group=self._pg)
 
     # -- load -------------------------------------------------------------------------------
     def load(self, step: int, state: TrainerState, *, strict: bool = True, unused_rank_state: str = "warn") -> None:

@@ -56,7 +56,7 @@ class CheckpointLoadError(PrimeCkptError):
 
 class IncompleteCheckpointError(CheckpointLoadError, NotResumableError):
     """The checkpoint step asked for is missing or incomplete (as rank 0 sees it); raised on every
-    rank by :meth:`prime_ckpt.trainer.Checkpointer.load`. Both a :class:`CheckpointLoadError` and
+    rank by :meth:`prime_ckpt.checkpointer.Checkpointer.load`. Both a :class:`CheckpointLoadError` and
     a :class:`NotResumableError` (so a ``FileNotFoundError``, what ``load`` raised before)."""
 
 
@@ -78,6 +78,6 @@ class ProgressMismatchError(PrimeCkptError):
 
 class PostCommitError(PrimeCkptError):
     """The work after a commit (save record, manifest, retention) failed for several saves in a
-    row (``prime_ckpt.trainer.POST_COMMIT_FAILURE_LIMIT``); raised by the next ``save()`` on every
+    row (``prime_ckpt.commit.POST_COMMIT_FAILURE_LIMIT``); raised by the next ``save()`` on every
     rank, before anything is written. The committed checkpoints themselves are whole; what stops
     is pruning (the disk would fill) and verification records."""

@@ -122,7 +122,7 @@ def _is_seconds(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 and v == v and v != float("inf")
 
 
-#: The fields of the trainer's ``save_info.json`` (:class:`prime_ckpt.trainer.SaveRecord`) that
+#: The fields of the trainer's ``save_info.json`` (:class:`prime_ckpt.save_record.SaveRecord`) that
 #: `inspect` and `list` show, with the rule each value must satisfy and its description.
 _SAVE_INFO_RULES: dict[str, tuple[Any, str]] = {
     "step": (lambda v: _is_int(v, 0), "a step (int >= 0)"),

@@ -197,7 +197,7 @@ def write_consumer_ack(output_dir: AnyPath | str, step: int, *, consumer: str = 
     written atomically (one PUT on object storage).
 
     Write it only after the server reported that it serves that step. The trainer's retention
-    (:class:`prime_ckpt.trainer.Checkpointer` with ``keep``) reads it before each plan and never
+    (:class:`prime_ckpt.checkpointer.Checkpointer` with ``keep``) reads it before each plan and never
     deletes weights at or after the acknowledged step (``RetentionPolicy.consumer_step``): a slow
     consumer keeps the weights it has not loaded yet. A resume from an older step may move the
     acknowledgement back (the server is told to load older weights): the last write wins.

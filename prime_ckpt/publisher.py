@@ -52,6 +52,7 @@ from prime_ckpt.hf_writer import (
     safetensors_header,
 )
 from prime_ckpt.layout import WEIGHTS_DIR, WEIGHTS_MARKER, RunLayout, foreign_reason, weights_complete
+from prime_ckpt.lifecycle import StageTimings, WaitThenRelease
 from prime_ckpt.redistribute import ShardWriter, assign_owners, chunk_bounds, dist_rank, dist_world_size, tensor_specs
 from prime_ckpt.run import superseded_dir
 from prime_ckpt.staging import ReusedBufferStager
@@ -76,7 +77,7 @@ class WeightsPublishError(PrimeCkptError, RuntimeError):
 
 
 @dataclass
-class PublishRecord:
+class PublishRecord(StageTimings):
     """Timings and sizes of one publish, on this rank.
 
     Attributes:
@@ -93,11 +94,6 @@ class PublishRecord:
         error: the error text if the publish failed.
     """
 
-    step: int
-    mode: str
-    wait_previous_s: float = 0.0
-    staging_s: float = 0.0
-    blocking_s: float = 0.0
     ready_s: float | None = None
     staged_bytes: int = 0
     file_bytes: int = 0
@@ -105,7 +101,7 @@ class PublishRecord:
     error: str | None = None
 
 
-class WeightsPublisher:
+class WeightsPublisher(WaitThenRelease):
     """Publishes a model's weights as ``<output_dir>/weights/step_<N>/`` every step.
 
     Collective: every rank constructs it and calls :meth:`publish` with the same step.
@@ -245,25 +241,17 @@ class WeightsPublisher:
 
     def close(self) -> None:
         """Wait for the last publish and release the staging buffers and the background
-        thread; raises the last publish's error. Safe to call twice. The process group is
-        released with the others by ``destroy_process_group()``."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self.wait()
-        finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
-            self._stager.close()
-            self._shards.release()
+        thread; raises the last publish's error. Safe to call twice; ``with WeightsPublisher(...)
+        as pub:`` closes on exit. The process group is released with the others by
+        ``destroy_process_group()``."""
+        super().close()
 
-    def __enter__(self) -> WeightsPublisher:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def _release(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        self._stager.close()
+        self._shards.release()
 
     def _raise_if_failed(self, record: PublishRecord) -> None:
         failures = getattr(record, "_failures", None)

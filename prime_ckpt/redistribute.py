@@ -24,17 +24,9 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from prime_ckpt.hf_writer import TensorSpec, _bytes_of, safetensors_header
 from prime_ckpt.layout import shard_file_name
 from prime_ckpt.manifest import ALGORITHM
+from prime_ckpt.state import current_rank as dist_rank
+from prime_ckpt.state import current_world_size as dist_world_size
 from prime_ckpt.storage import AnyPath, atomic_write_streamed
-
-
-def dist_rank() -> int:
-    """This process's global rank (0 when not distributed)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def dist_world_size() -> int:
-    """The global world size (1 when not distributed)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def chunk_bounds(size: int, parts: int, index: int) -> tuple[int, int]:

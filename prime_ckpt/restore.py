@@ -46,7 +46,7 @@ def load_checkpoint(
     trainer_dir: AnyPath, step: int, state: TrainerState, group: Any, *, strict: bool, unused_rank_state: str
 ) -> None:
     """Load checkpoint ``step`` from ``trainer_dir`` into ``state`` in place on the checkpoint
-    ``group`` (None: not distributed); what :meth:`prime_ckpt.trainer.Checkpointer.load` does,
+    ``group`` (None: not distributed); what :meth:`prime_ckpt.checkpointer.Checkpointer.load` does,
     with its arguments, rules and errors (see there)."""
     check_complete(step, trainer_dir, group)
     prep: _LoadPrep | None = None
@@ -123,7 +123,7 @@ def prepare_load(
 ) -> _LoadPrep:
     """This rank's part of a load, before any collective: read ``.metadata``, choose the
     per-rank state, compare keys, and build the flat request ``dcp.load`` reads into (see
-    :meth:`prime_ckpt.trainer.Checkpointer.load` for the rules). Raises :class:`CheckpointLoadError` (without path and
+    :meth:`prime_ckpt.checkpointer.Checkpointer.load` for the rules). Raises :class:`CheckpointLoadError` (without path and
     step: :func:`agree` adds them) or whatever reading ``.metadata`` raised."""
     metadata = read_dcp_metadata(trainer_dir)
     saved = metadata.state_dict_metadata

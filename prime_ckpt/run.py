@@ -19,7 +19,7 @@ Two guarantees every user gets from the library (DESIGN invariants 8 and 9), not
   deleted. To resume one of them later, move its ``checkpoints/step_N`` and ``weights/step_*``
   back. ``<output_dir>/run.json`` records the live run.
 
-:class:`prime_ckpt.trainer.Checkpointer` enters the run on construction (rank 0, decision
+:class:`prime_ckpt.checkpointer.Checkpointer` enters the run on construction (rank 0, decision
 broadcast); a program that publishes weights without checkpointing calls :func:`enter_run`
 itself before its first publish.
 """

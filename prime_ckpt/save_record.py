@@ -7,9 +7,11 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from prime_ckpt.lifecycle import StageTimings
+
 
 @dataclass
-class SaveRecord:
+class SaveRecord(StageTimings):
     """One save on this rank: a handle on its progress, and its timings and sizes.
 
     ``save()`` returns it. Its stages are :class:`concurrent.futures.Future` s (as DCP's
@@ -20,7 +22,7 @@ class SaveRecord:
       change it from here on).
     * ``durable``: DCP's write finished on every rank: the data files and ``.metadata`` are
       written (the step is complete on storage).
-    * ``committed``: the :class:`~prime_ckpt.trainer.Checkpointer` took the step as committed:
+    * ``committed``: the :class:`~prime_ckpt.checkpointer.Checkpointer` took the step as committed:
       the timings below are set and rank 0's post-commit work (``save_info.json``, manifest,
       retention, in the background; see :mod:`prime_ckpt.commit`) is queued.
 
@@ -49,11 +51,6 @@ class SaveRecord:
             0, background), one line, else None.
     """
 
-    step: int
-    mode: str
-    wait_previous_s: float = 0.0
-    staging_s: float = 0.0
-    blocking_s: float = 0.0
     upload_s: float | None = None
     total_s: float | None = None
     bytes: int = 0

@@ -51,7 +51,7 @@ class ReusedBufferStager:
     change it.
 
     The caller must not stage again while a write of the previous staged dict is still running
-    (the buffers would be overwritten under it); :class:`prime_ckpt.trainer.Checkpointer` waits
+    (the buffers would be overwritten under it); :class:`prime_ckpt.checkpointer.Checkpointer` waits
     for the previous save first.
     """
 
