@@ -28,11 +28,8 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 
-from prime_ckpt.convert_options import ConvertError, choose_conversion
+from prime_ckpt.convert_options import DTYPE_NAMES, ConvertError, check_dtype, choose_conversion
 from prime_ckpt.convert_output import (  # noqa: F401 - old import paths
-    _check_parent,
-    _is_within,
-    _step_dir_kind,
     check_output,
     checkpoint_containing,
     refuse_inside_checkpoint,
@@ -46,7 +43,6 @@ from prime_ckpt.tensor_source import (  # noqa: F401 - old import paths
     NON_MODEL_ROOTS,
     TensorInfo,
     TensorSource,
-    _CachedReader,
     dcp_dir_of,
     dcp_load,
     model_prefix,
@@ -61,8 +57,8 @@ __all__ = [
     "open_dcp", "open_safetensors", "open_source", "refuse_inside_checkpoint", "to_safetensors", "torch_save_to_dcp",
 ]
 
-#: ``--dtype`` names for :func:`to_safetensors`.
-DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+#: ``--dtype`` names for :func:`to_safetensors` (:data:`~prime_ckpt.convert_options.DTYPE_NAMES`) -> torch dtypes.
+DTYPES: dict[str, torch.dtype] = dict(zip(DTYPE_NAMES, (torch.bfloat16, torch.float16, torch.float32), strict=True))
 
 
 # -- conversions ------------------------------------------------------------------------------
@@ -132,8 +128,7 @@ def to_safetensors(source: Path | str, out: Path | str, *, dtype: str | None = N
     """
     from safetensors.torch import save_file
 
-    if dtype is not None and dtype not in DTYPES:
-        raise ConvertError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    check_dtype(dtype)
     src = open_source(source, model_only=True, key=key)
     if str(out).endswith(("/", os.sep)) or Path(out).is_dir() or not (Path(out).suffix or Path(out).exists()):
         refuse_inside_checkpoint(Path(out))

@@ -31,6 +31,12 @@ class ConvertError(PrimeCkptError, ValueError):
     names the path)."""
 
 
+def check_dtype(dtype: str | None) -> None:
+    """Raise :class:`ConvertError` unless ``dtype`` is None or one of :data:`DTYPE_NAMES`."""
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise ConvertError(f"--dtype {dtype}: expected one of {', '.join(DTYPE_NAMES)}")
+
+
 def choose_conversion(source: Path | str, *, to: str | None = None, from_: str = "auto", dtype: str | None = None,
                       key: str | None = None) -> str:
     """The conversion the options ask for (pure).
@@ -55,8 +61,7 @@ def choose_conversion(source: Path | str, *, to: str | None = None, from_: str =
         raise ConvertError(f"{source}: --to {to}: expected one of {', '.join(TO_FORMATS)}")
     if from_ not in FROM_FORMATS:
         raise ConvertError(f"{source}: --from {from_}: expected one of {', '.join(FROM_FORMATS)}")
-    if dtype is not None and dtype not in DTYPE_NAMES:
-        raise ConvertError(f"--dtype {dtype}: expected one of {', '.join(DTYPE_NAMES)}")
+    check_dtype(dtype)
     if from_ == "torch-save":
         if to not in (None, "dcp"):
             raise ConvertError(f"{source}: --from torch-save converts to dcp only (got --to {to})")
