@@ -325,7 +325,7 @@ def test_convert_output_under_a_file_or_unwritable_dir_is_one_line(tmp_path, mon
     import torch
     from safetensors.torch import save_file
 
-    from prime_ckpt import convert
+    from prime_ckpt import convert_output
 
     src = tmp_path / "m.safetensors"
     save_file({"w": torch.arange(4.0)}, str(src))
@@ -338,7 +338,7 @@ def test_convert_output_under_a_file_or_unwritable_dir_is_one_line(tmp_path, mon
     ro = tmp_path / "ro"
     ro.mkdir()
     real_access = os.access
-    monkeypatch.setattr(convert.os, "access", lambda p, mode: False if Path(p) == ro else real_access(p, mode))  # root ignores 0555
+    monkeypatch.setattr(convert_output.os, "access", lambda p, mode: False if Path(p) == ro else real_access(p, mode))  # root ignores 0555
     r = runner.invoke(app, ["convert", str(src), str(ro / "x.safetensors"), "--to", "safetensors"])
     assert r.exit_code == 2 and r.stderr.splitlines() == [f"error: {ro / 'x.safetensors'}: {ro} is not writable (permission denied); choose another OUT"], r.output
     assert list(ro.iterdir()) == [] and (tmp_path / "afile").read_text() == "x"

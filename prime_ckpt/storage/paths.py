@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 #: imported on the first URL only, so local-only programs never pay for them.
 AnyPath = Union[Path, "UPath"]  # noqa: UP007 - a forward reference: no import at runtime
 
-_URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+#: An fsspec URL's start, ``<protocol>://`` (group 1: the protocol); a local path never matches.
+URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _LOCAL_SCHEMES = frozenset({"file", "local"})
 
 
@@ -43,7 +44,7 @@ def is_remote(path: Any) -> bool:
         return True
     if isinstance(path, (str, os.PathLike)):
         text = os.fspath(path)
-        match = _URL_RE.match(text) if isinstance(text, str) else None
+        match = URL_RE.match(text) if isinstance(text, str) else None
         return match is not None and match.group(1).lower() not in _LOCAL_SCHEMES
     return False
 
@@ -64,7 +65,7 @@ def to_path(path: str | os.PathLike | AnyPath, storage_options: dict[str, Any] |
             return path
         return type(path)(str(path), **{**path.storage_options, **storage_options})
     text = os.fspath(path)
-    match = _URL_RE.match(text)
+    match = URL_RE.match(text)
     if match is None:
         return Path(text)
     if match.group(1).lower() in _LOCAL_SCHEMES:

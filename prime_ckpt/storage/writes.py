@@ -58,12 +58,29 @@ def atomic_write(path: AnyPath | str, write: Callable[[BinaryIO], None]) -> None
         with remote_errors(path):
             path.fs.pipe_file(path.path, buf.getvalue())
         return
+    def fill(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+
+    atomic_write_path(path, fill, mode=None)
+
+
+def atomic_write_path(path: Path | str, write_to: Callable[[Path], None], mode: int | None = 0o644) -> None:
+    """Write the local file ``path`` atomically and durably through a writer that takes a file
+    name (``safetensors.torch.save_file``, ...): ``write_to(tmp)`` creates the temp file beside
+    ``path``; then chmod ``mode`` (``None``: leave it), fsync, rename, fsync(dir).
+
+    Creates missing parent directories. On any error the temp file is removed and the error
+    re-raised; the previous content of ``path`` (if any) is untouched.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path_for(path)
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
+        write_to(tmp)
+        if mode is not None:
+            os.chmod(tmp, mode)  # an output for others to read (mkstemp-style temp files are 0600)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
