@@ -1,7 +1,7 @@
 """Wall time of ``prime-ckpt inspect`` (and ``list`` / ``plan``) on a large checkpoint (issue 4).
 
 Target: ``prime-ckpt inspect`` of a 1 GB checkpoint step prints in under 2 s. The commands
-read metadata only and never import torch (see ``prime_ckpt/cli.py``), so the time is process
+read metadata only and never import torch (see ``prime_ckpt/cli/``), so the time is process
 start-up plus reading ``.metadata``, ``orchestrator.pt`` and a few small files, whatever the
 checkpoint's size. For contrast the same ``inspect`` is timed with torch's DCP imported first
 (the cost the command paid before it went torch-free), and ``python -c "import torch"`` alone.

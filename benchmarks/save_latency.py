@@ -7,7 +7,7 @@ with torchrun under a timeout):
 * baselines: raw sequential write + fsync of the same bytes (disk limit), a warm memcpy of the
   per-rank bytes (staging limit), ``torch.save`` (+fsync) per rank, plain ``dcp.save``,
   ``dcp.async_save`` with its defaults;
-* this project's :class:`prime_ckpt.trainer.Checkpointer`: sync, async thread mode, async
+* this project's :class:`prime_ckpt.checkpointer.Checkpointer`: sync, async thread mode, async
   process mode (staging into reused buffers);
 * S3 (a ``moto`` server on 127.0.0.1 through ``s3fs``): raw upload, DCP's fsspec writer sync,
   and async with :class:`prime_ckpt.staging.ReusedBufferStager`;

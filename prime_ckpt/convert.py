@@ -13,7 +13,7 @@ from the CLI's options (:func:`prime_ckpt.convert_options.choose_conversion`).
 * :func:`torch_save_to_dcp`: a ``torch.save`` file (e.g. the seed's single-file ``trainer.pt``),
   read with ``weights_only=True`` -> a DCP directory. A state dict without a top-level ``"app"``
   key is stored under ``"app"`` so that its ``model``/``optimizer`` entries get the keys
-  :class:`prime_ckpt.trainer.Checkpointer` uses (``app.model.*`` ...).
+  :class:`prime_ckpt.checkpointer.Checkpointer` uses (``app.model.*`` ...).
 
 The readers and output checks that used to live here are re-exported under their old names.
 """

@@ -39,7 +39,7 @@ class SizeContext:
     storages: list[Any]
     flat_src: Any
     flat_dst: Any
-    state: Any  # prime_ckpt.trainer.TrainerState of model and opt
+    state: Any  # prime_ckpt.state.TrainerState of model and opt
     closers: list[Callable[[], None]] = field(default_factory=list)
     save_cases: list[Case] = field(default_factory=list)
 

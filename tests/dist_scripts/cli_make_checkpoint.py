@@ -4,7 +4,7 @@ Usage: ``torchrun --nproc-per-node=2 cli_make_checkpoint.py OUTPUT_DIR``
 
 Writes, under OUTPUT_DIR:
 
-* ``checkpoints/step_3``: trainer (sync save via :class:`prime_ckpt.trainer.Checkpointer`) and
+* ``checkpoints/step_3``: trainer (sync save via :class:`prime_ckpt.checkpointer.Checkpointer`) and
   ``orchestrator.pt`` -> a complete step;
 * ``checkpoints/step_6``: trainer only (no orchestrator record) -> an incomplete step;
 * ``weights/step_3``: inference weights (``model.safetensors`` + ``config.json`` + ``COMPLETE``).

@@ -1,4 +1,4 @@
-"""Family ``ours``: this project's :class:`prime_ckpt.trainer.Checkpointer`, sync, async in a
+"""Family ``ours``: this project's :class:`prime_ckpt.checkpointer.Checkpointer`, sync, async in a
 thread and async in a process (``--no-process`` skips it), locally and on S3. Each save's
 cleanup keeps the newest step, which the ``ckpt_load`` case loads."""
 
