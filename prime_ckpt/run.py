@@ -196,12 +196,18 @@ class RunLease:
             current = self._read()
             if current is None:
                 continue  # released in between: try again
-            if current.get("run_id") == self.run_id or (
-                current.get("host") == socket.gethostname() and current.get("pid") == os.getpid() and self.stale(current) is None
-            ):
-                # the same run (a launcher's child), or this very process (a second Checkpointer)
+            if current.get("run_id") == self.run_id:
+                # the same run: a launcher's child (PRIME_CKPT_RUN_ID)
                 self.record, self.owned, self.held = current, False, True
                 return self
+            if current.get("host") == socket.gethostname() and current.get("pid") == os.getpid():
+                # this very process entered another run here (a second Checkpointer not closed):
+                # joining would set that live run's steps aside under it
+                raise RunLeaseError(
+                    f"{self.path}: this process already holds the output directory for run {current.get('run_id')}; "
+                    "close the first Checkpointer, or pass enter=False to one that only reads or loads",
+                    self.path, current,
+                )
             why = self.stale(current)
             if why is None:
                 raise RunLeaseError(
