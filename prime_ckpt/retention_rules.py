@@ -22,6 +22,8 @@ Built-in rules:
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -194,19 +196,28 @@ def reasons(rules: Iterable[RetentionRule], view: StepView) -> list[str]:
 
 def load_rule(spec: str) -> RetentionRule:
     """The rule a ``MODULE:NAME`` spec names (``prime-ckpt plan --rule mypkg.rules:keep_best``):
-    imports ``MODULE`` (the user's own code, named on the command line) and returns ``NAME``.
+    imports ``MODULE`` (the user's own code, named on the command line; found on ``sys.path``,
+    then in the current directory, as ``python -m`` would) and returns ``NAME``.
 
     Raises:
-        RetentionConfigError: the spec is malformed, the module cannot be imported, or the name
-            is missing or not callable (one line naming the spec).
+        RetentionConfigError: the spec is malformed, the module cannot be imported (not found,
+            or it raised while importing: a syntax error, an exception at import), or the name
+            is missing or not callable (one line naming the spec; the cause chained).
     """
     module, _, name = spec.partition(":")
     if not module or not name:
         raise RetentionConfigError(f"--rule {spec}: expected MODULE:NAME (a callable taking a StepView)")
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:  # the installed console script does not put the current directory on sys.path
+        sys.path.append(cwd)
     try:
         obj = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise RetentionConfigError(f"--rule {spec}: {type(e).__name__}: {e}") from None
+    except Exception as e:  # the user's module may raise anything while importing
+        raise RetentionConfigError(f"--rule {spec}: {type(e).__name__}: {' '.join(str(e).split())}") from e
+    finally:
+        if added:
+            sys.path.remove(cwd)
     if not callable(obj):
         raise RetentionConfigError(f"--rule {spec}: {name} is not callable")
     return obj

@@ -184,3 +184,38 @@ def test_prune_warns_when_a_live_run_holds_the_directory(tmp_path):
         lease.release()
     r = runner.invoke(app, ["prune", str(tmp_path), "--keep", "1", "--yes"])
     assert r.exit_code == 0 and "live run" not in r.stderr
+
+
+def test_a_rule_module_in_the_current_directory_or_one_that_fails_to_import(tmp_path):
+    """`--rule MODULE:NAME` from the installed `prime-ckpt` script: a module in the current
+    directory is found (as `python -m` finds it; before: ModuleNotFoundError), and a module that
+    raises while importing (a syntax error, an exception) is one line, exit 2 (before: a
+    traceback, exit 1). Nothing is deleted either way."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = tmp_path / "run"
+    make_run(run, [5, 10, 15], range(3, 16))
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "myrules.py").write_text("def keep_five(view):\n    return 'five stays' if view.step == 5 else None\n")
+    (rules / "badsyntax.py").write_text("def keep(view) return None\n")
+    (rules / "raises.py").write_text("raise ValueError('no eval db\\nconfigured')\n")
+    script = Path(sys.executable).parent / "prime-ckpt"
+    before = tree(run)
+
+    def plan(spec):
+        return subprocess.run([str(script), "plan", str(run), "--keep", "1", "--async-level", "0", "--json", "--rule", spec],
+                              cwd=rules, capture_output=True, text=True, timeout=120,
+                              env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+
+    r = plan("myrules:keep_five")
+    assert r.returncode == 0, r.stderr
+    got = {(e["kind"], e["step"]): (e["action"], e["reasons"]) for e in json.loads(r.stdout)["entries"]}
+    assert got[("checkpoint", 5)] == ("keep", ["rule keep_five: five stays"]) and got[("checkpoint", 10)][0] == "delete"
+    for spec, words in (("badsyntax:keep", "error: --rule badsyntax:keep: SyntaxError: "),
+                        ("raises:keep", "error: --rule raises:keep: ValueError: no eval db configured")):  # fmt: skip
+        r = plan(spec)
+        assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and r.stderr.startswith(words), r.stderr
+    assert tree(run) == before
