@@ -367,3 +367,27 @@ def test_save_info_values_are_checked_and_shown_in_units(tmp_path):
     (step / "save_info.json").write_text(json.dumps({"step": 2, "mode": "sync", "world_size": 2, "blocking_s": 0.5}))
     r = runner.invoke(app, ["inspect", str(step)])
     assert r.exit_code == 0 and "save_info.json" not in r.stderr and "blocking_s=0.500 s" in r.stdout, r.output
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["plan", "RUN", "--keep", "0"], "error: prime-ckpt plan: Invalid value for '--keep': "),
+        (["plan", "RUN", "--keep", "abc"], "error: prime-ckpt plan: Invalid value for '--keep': "),
+        (["list", "RUN", "--bogus"], "error: prime-ckpt list: No such option: --bogus"),
+        (["plan"], "error: prime-ckpt plan: Missing argument 'OUTPUT_DIR'"),
+        (["nosuchcmd"], "error: prime-ckpt: No such command 'nosuchcmd'"),
+    ],
+)
+def test_usage_errors_of_the_installed_tool_are_one_line_exit_2(tmp_path, capsys, argv, words):
+    """The `prime-ckpt` entry point (`main`): a bad flag value, an unknown flag or command, a
+    missing argument is one `error:` line naming the command, exit 2 (before: click's four-line
+    usage block with `Error:`), and nothing in the run changes."""
+    from prime_ckpt.cli import main
+
+    (tmp_path / "checkpoints" / "step_1").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path) if a == "RUN" else a for a in argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and err.startswith(words), err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoints", "step_1"]

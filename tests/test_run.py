@@ -233,24 +233,24 @@ def test_a_launcher_s_child_joins_the_lease_and_leaves_it_to_the_owner(tmp_path)
     assert not (tmp_path / LEASE_FILE).exists()
 
 
-def test_a_second_entry_in_the_same_process_is_refused_and_sets_nothing_aside(tmp_path):
+def test_a_second_entry_in_the_same_process_joins_the_live_run_and_sets_nothing_aside(tmp_path):
     """A second Checkpointer (another run id) in the process that holds the directory, say one
-    made for an eval without enter=False: before, it joined the lease as "this very process" and
-    its fresh start set the live run's steps aside under it."""
+    made for an eval: before, it joined the lease as "this very process" under its own run id
+    and its fresh start set the live run's steps aside under it."""
     first = enter_run(tmp_path, None, run_id="live")
     try:
         make_ckpt(tmp_path, 1, orchestrator=False)
         make_weights(tmp_path, 1)
-        with pytest.raises(RunLeaseError, match=r"run.lock: this process already holds the output directory for run live") as info:
-            enter_run(tmp_path, None, run_id="eval")
-        assert "\n" not in str(info.value)
+        second = enter_run(tmp_path, None, run_id="eval")
+        assert second.run_id == "live" and second.set_aside == [] and not second.lease.owned
         assert [c.step for c in scan_checkpoints(tmp_path)] == [1] and [w.step for w in scan_weights(tmp_path)] == [1]
         assert not (tmp_path / SUPERSEDED_DIR).exists()
+        assert read_run_record(tmp_path)["run_id"] == "live"
+        second.lease.release()  # a joined lease is left to its owner
         assert json.loads((tmp_path / LEASE_FILE).read_text())["run_id"] == "live"
     finally:
         first.lease.release()
-    # once the first is closed, the directory can be entered again
-    enter_run(tmp_path, -1, run_id="eval").lease.release()
+    assert not (tmp_path / LEASE_FILE).exists()
 
 
 def test_lease_from_another_host_expires_by_heartbeat(tmp_path):
