@@ -223,6 +223,12 @@ class WeightsPublisher(WaitThenRelease):
             self._pending, self._pending_record = future, record
         return record
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of CPU memory this rank's publisher holds between publishes: its staging
+        buffers plus the two scratch buffers it assembles owned tensors in (bytes)."""
+        return self._stager.buffer_bytes + sum(t.numel() for t in self._shards.scratch)
+
     def wait(self) -> PublishRecord | None:
         """Block until the in-flight publish (if any) is complete; return its record.
 

@@ -163,7 +163,7 @@ def run_weights(w: Any) -> None:
                 rec["staged_bytes"], rec["file_bytes"] = last.staged_bytes, last.file_bytes
                 # memory the publisher keeps between publishes (reused staging buffers, the two
                 # scratch buffers): in the RSS baseline, so the peak adds it back
-                rec["held_bytes"] = pub._stager.buffer_bytes + sum(t.numel() for t in pub._scratch)
+                rec["held_bytes"] = pub.held_bytes
         w.closer(ctx.closers)()
         w.barrier()
         if w.rank == 0:
