@@ -169,9 +169,12 @@ def prepare_load(
     missing: list[str] = []
     unexpected: list[str] = []
     live_hparams: list[str] = []
+    not_saved: list[str] = []  # outside model/optimizer: scheduler, dataloader ... new in the state
     for key, value in flat.items():
-        if key in saved or not key.startswith(_STRICT_PREFIXES):
-            request[key], paths[key] = value, mapping[key]  # outside model/optimizer: DCP names a missing one
+        if key in saved:
+            request[key], paths[key] = value, mapping[key]
+        elif not key.startswith(_STRICT_PREFIXES):
+            not_saved.append(key)
         elif (pg := _param_group_entry(key)) is not None and pg[0] in saved_groups:
             live_hparams.append(key)  # keeps its live value
         else:
@@ -197,6 +200,12 @@ def prepare_load(
             "saved but not in the live state, not loaded: %s",
             trainer_dir, step, _keys_text(missing, 20), _keys_text(unexpected, 20),
         )
+    if not_saved:
+        text = f"trainer state entries not in the checkpoint: {', '.join(not_saved[:20 if not strict else 3])}"
+        text += ", ..." if len(not_saved) > (3 if strict else 20) else ""
+        if strict:
+            raise CheckpointLoadError(f"{text}; load(..., strict=False) keeps their current values")
+        logger.warning("%s: partial load of step %d (strict=False): %s keep their current values", trainer_dir, step, text)
     return _LoadPrep(request, paths, own_key, src_key)
 
 

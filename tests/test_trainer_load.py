@@ -334,6 +334,34 @@ def test_a_live_hyperparameter_the_checkpoint_lacks_keeps_its_value(saved_2_laye
     assert all(torch.equal(got[k], v) for k, v in saved.items())
 
 
+def test_a_scheduler_new_in_the_trainer_state_loads_with_strict_false(tmp_path, saved_2_layers, caplog):
+    """A checkpoint saved without an LR scheduler, loaded into a state that has one (a new thing
+    in the trainer state): strict names the scheduler entries in one line before reading
+    anything; strict=False loads model and optimizer bitwise and the scheduler keeps its current
+    state, with one warning (before: DCP's 'Missing key in checkpoint state_dict' either way)."""
+    ck, saved = saved_2_layers
+    model, opt = _mlp(2, seed=5)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    _train(model, opt, 1, sched)
+    before, sched_before = _snapshot(model, opt), sched.state_dict()
+    with pytest.raises(CheckpointLoadError) as err:
+        ck.load(1, TrainerState(model, opt, sched))
+    message = str(err.value)
+    assert "\n" not in message and "trainer state entries not in the checkpoint: app.scheduler." in message, message
+    assert message.endswith("load(..., strict=False) keeps their current values); nothing was read"), message
+    assert all(torch.equal(v, before[k]) for k, v in _snapshot(model, opt).items())
+
+    caplog.set_level(logging.WARNING, logger="prime_ckpt.trainer")
+    state = TrainerState(model, opt, sched)
+    ck.load(1, state, strict=False)
+    got = _snapshot(model, opt)
+    assert got.keys() == saved.keys() and all(torch.equal(got[k], v) for k, v in saved.items())
+    assert sched.state_dict() == sched_before and state.progress == Progress(1, 3, 30)
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "partial load of step 1 (strict=False): trainer state entries not in the checkpoint: app.scheduler." in warning
+    assert warning.endswith("keep their current values"), warning
+
+
 # -- 13b: initial_lr ----------------------------------------------------------------------------
 def test_initial_lr_is_restored_so_a_scheduler_can_be_built_after_load(tmp_path, gloo1):
     """Saved with an LR scheduler built before the save (it sets ``initial_lr``), loaded into a
