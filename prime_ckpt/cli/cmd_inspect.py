@@ -238,7 +238,7 @@ def list_cmd(
        latest_complete_step: int | null,
        policy: {keep, keep_interval, async_level, weights_interval, consumer_step} | null,
        latest_resumable_step: int | null (what --ckpt.resume-step -1 loads),
-       run: {run_id, start_step, ...} | null (run.json: the live run),
+       run: {run_id, start_step, ...} | null (run.json: the last run to enter the directory),
        superseded: ["superseded/<time>-<run id>"] (earlier runs' steps set aside, never deleted),
        checkpoints: [{step, path, complete, resumable, foreign: str | null,
                       parts: {trainer: bool, orchestrator: bool},
@@ -292,7 +292,7 @@ def list_cmd(
     con.print(f"latest complete step: {d['latest_complete_step']}; latest resumable step: {d['latest_resumable_step']}")
     if d["run"]:
         run = d["run"]
-        con.print(f"live run: {run.get('run_id')} (started from {'checkpoint step ' + str(run['start_step']) if run.get('start_step') is not None else 'scratch'})")
+        con.print(f"last run to enter: {run.get('run_id')} (started from {'checkpoint step ' + str(run['start_step']) if run.get('start_step') is not None else 'scratch'})")
     if d["superseded"]:
         con.print("set aside by a later run (never deleted): " + ", ".join(d["superseded"]))
     render_ignored(d, con)
