@@ -165,7 +165,7 @@ def draw_panel(ax: Any, panel: Panel, records: list[dict], storage: str, size: i
     ax.set_xlim(-0.5, max(len(wss), 1) - 0.5)
     if missing:
         ax.set_xlabel(f"not measured here: world size {', '.join(map(str, missing))}", fontsize=8, color="dimgray")
-    ax.set_title(f"{row_label or _STORAGE_LABEL.get(storage, storage) + ', ' + fmt_size(size)}: {panel.title}", fontsize=10)
+    ax.set_title(f"{panel.title}\n{row_label or _STORAGE_LABEL.get(storage, storage) + ', ' + fmt_size(size)}", fontsize=10)
     ax.set_ylabel(panel.ylabel, fontsize=8)
     ax.grid(True, axis="y", which="both", alpha=0.3)
     ax.set_axisbelow(True)
@@ -225,8 +225,12 @@ def figure(result: dict[str, Any]) -> Any:
 
     spec = rows(result)
     wss = sorted({r["world_size"] for r in result["records"]})
-    cases = {c for row in spec for p in row.panels for c in row.cases(p)}
-    colors = case_colors(cases)
+    colors: dict[str, Any] = {}  # the shades of a family spread over the cases of one kind of row
+    order: list[str] = []  # the legend: checkpoint cases, then weights cases
+    for panels in dict.fromkeys(row.panels for row in spec):
+        group = {c for row in spec if row.panels == panels for p in panels for c in row.cases(p)}
+        colors.update(case_colors(group))
+        order += [c for c in case_order(group) if c not in order]
     # a column's width follows its widest panel's bar count
     widths = [max([len(row.cases(row.panels[j])) for row in spec] or [1]) * len(wss) + 2 for j in range(3)]
     fig, axes = plt.subplots(max(len(spec), 1), 3, squeeze=False, gridspec_kw={"width_ratios": widths},
@@ -234,7 +238,6 @@ def figure(result: dict[str, Any]) -> Any:
     for i, row in enumerate(spec):
         for j, panel in enumerate(row.panels):
             draw_panel(axes[i][j], panel, row.records, row.storage, row.size, wss, colors, row.label)
-    order = case_order(cases)
     handles: list[Any] = [plt.Rectangle((0, 0), 1, 1, facecolor=colors[c], edgecolor="black", linewidth=0.4) for c in order]
     labels = [f"{c} ({family(c)})" for c in order]
     handles.append(Line2D([], [], linestyle="--", color="black"))
@@ -243,7 +246,7 @@ def figure(result: dict[str, Any]) -> Any:
                frameon=False)
     fig.suptitle(f"{result.get('name', '')}: median per case, lower is better; the floor dashed "
                  f"(full tables in the markdown)", fontsize=12)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the title
     return fig
 
 
