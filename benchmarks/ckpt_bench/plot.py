@@ -91,7 +91,8 @@ def case_order(cases: set[str]) -> list[str]:
 
 
 def case_colors(cases: set[str]) -> dict[str, Any]:
-    """One colour per case: a shade of its family's colour map (distinct families never share a map)."""
+    """One colour per case: a shade of its family's colour map (up to eight peer families beside ours,
+    DCP and the baselines each get a map of their own)."""
     import matplotlib
 
     others = sorted({family(c) for c in cases} - set(_FAMILY_CMAP))
