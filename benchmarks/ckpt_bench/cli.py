@@ -1,6 +1,6 @@
 """The entry point of ``benchmarks/save_latency.py``: parse the flags, register the cases (the
-built-in ones and those of ``--case-module`` files), then list them, merge result files, run one
-rank's worker (under torchrun) or launch every world size."""
+built-in ones and those of ``--case-module`` files), then list them, merge result files, redraw
+a result's plot, run one rank's worker (under torchrun) or launch every world size."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run the benchmark with ``argv`` (default ``sys.argv[1:]``); see ``--help``.
 
     Raises SystemExit with a one-line message for an unknown ``--cases`` name, a bad
-    ``--case-module`` file or a bad ``--merge`` input, and exit status 1 when a world size failed."""
+    ``--case-module`` file or a bad ``--merge`` / ``--replot`` input, and exit status 1 when a world size failed."""
     argv = list(sys.argv[1:] if argv is None else argv)
     s = settings_from_args(argv)
     registry.load_builtin()
@@ -24,6 +24,11 @@ def main(argv: list[str] | None = None) -> None:
         print(registry.listing())
         return
     registry.check_names(s.cases)
+    if s.replot is not None:
+        from ckpt_bench.report import replot
+
+        print(replot(s.replot))
+        return
     if s.merge:
         from ckpt_bench.report import merge_results, write_outputs
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ckpt_bench import weights_report
-from ckpt_bench.common import GiB, MiB, fmt_s, fmt_size
+from ckpt_bench.common import MiB, fmt_s, fmt_size
 from ckpt_bench.targets import compute_targets, explain
 
 
@@ -107,39 +107,10 @@ def checkpoint_markdown(result: dict[str, Any]) -> list[str]:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    """Write the plot of ``result`` to ``path`` (grouped bars at 1 GiB; see :mod:`ckpt_bench.plot`)."""
+    from ckpt_bench.plot import plot as draw
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    recs = [r for r in result["records"] if r["kind"] not in ("load", "weights") and r.get("durable_s")]
-    weights = [r for r in result["records"] if r["kind"] == "weights" and r.get("durable_s")]
-    wss = sorted({r["world_size"] for r in recs + weights})
-    keys = ("blocking_s", "durable_s") if recs else ()
-    fig, axes = plt.subplots(len(keys) + bool(weights), len(wss), figsize=(7 * len(wss), 4.5 * (len(keys) + bool(weights))), squeeze=False)
-    if weights:
-        weights_report.plot_row(list(axes[-1]), weights, wss)
-    for j, ws in enumerate(wss):
-        if not recs:
-            continue
-        for i, key in enumerate(keys):
-            ax = axes[i][j]
-            for label in sorted({(r["case"], r["storage"]) for r in recs if r["world_size"] == ws}):
-                pts = sorted((r["size_bytes"], r[key]["median"]) for r in recs
-                             if r["world_size"] == ws and (r["case"], r["storage"]) == label)
-                ls = "--" if label[1] == "s3" else ("-" if label[0].startswith("ckpt") else ":")
-                ax.plot([p[0] / GiB for p in pts], [p[1] for p in pts], ls, marker="o", label=f"{label[0]} ({label[1]})")
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("state size (GiB, total)")
-            ax.set_ylabel(f"{'blocking' if i == 0 else 'time to durable'} (s, median)")
-            ax.set_title(f"world size {ws}: {'blocking (training stall)' if i == 0 else 'time to durable'}")
-            ax.grid(True, which="both", alpha=0.3)
-        axes[0][j].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
+    draw(result, path)
 
 
 def merge_results(paths: list[Path], name: str) -> dict[str, Any]:
@@ -193,6 +164,23 @@ def merge_results(paths: list[Path], name: str) -> dict[str, Any]:
     }
     explain(result)
     return result
+
+
+def replot(path: Path) -> Path:
+    """Redraw the plot of the results file ``path`` as ``path`` with suffix ``.png``, measuring and
+    rewriting nothing else; returns the PNG's path.
+
+    Raises:
+        SystemExit: ``path`` is not a results file (one line).
+    """
+    try:
+        result = json.loads(Path(path).read_text())
+        result["records"]  # noqa: B018 - schema check
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--replot {path}: not a results file ({type(e).__name__}: {e})") from e
+    out = Path(path).with_suffix(".png")
+    plot(result, out)
+    return out
 
 
 def write_outputs(result: dict[str, Any], results_dir: Path, name: str, with_plot: bool) -> Path:

@@ -37,6 +37,8 @@ def build_parser(description: str = DESCRIPTION) -> argparse.ArgumentParser:
     p.add_argument("--merge", default=None, metavar="A.json,B.json",
                    help="measure nothing: merge result files of launches over disjoint world sizes into --name "
                         "(records and extras side by side, targets recomputed, each launch listed)")
+    p.add_argument("--replot", default=None, metavar="RESULT.json",
+                   help="measure nothing: redraw RESULT.png beside a results file (its JSON and markdown stay as they are)")
     p.add_argument("--list-cases", action="store_true", help="print the registered cases (name, family, phase, storages) and exit")
     p.add_argument("--cases", default=None, metavar="A,B",
                    help="run only these registered cases (names from --list-cases; default: all)")
@@ -72,6 +74,7 @@ class Settings:
     worker_out: str | None
     s3_endpoint: str | None
     merge: list[Path] | None = None
+    replot: Path | None = None
     weights_sizes: list[int] = field(default_factory=list)  # parameter bytes; [] = no weights cases
     weights_only: bool = False
     cases: list[str] | None = None  # None = every registered case
@@ -104,6 +107,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         worker_out=a.worker_out,
         s3_endpoint=a.s3_endpoint,
         merge=[Path(m) for m in a.merge.split(",") if m] if a.merge else None,
+        replot=Path(a.replot) if a.replot else None,
         weights_sizes=[] if a.no_weights else [z for z in sizes if z <= parse_size(a.weights_max_size)],
         weights_only=a.weights_only,
         cases=[c.strip() for c in a.cases.split(",") if c.strip()] if a.cases is not None else None,

@@ -1,5 +1,6 @@
 """The weights publishing cases on the launcher side: their four targets, the explanation of a
-target that does not hold, the markdown section and the plot row (all from the result dict)."""
+target that does not hold and the markdown section (all from the result dict); their plot row is
+drawn by :mod:`ckpt_bench.plot`."""
 
 from __future__ import annotations
 
@@ -135,24 +136,3 @@ def markdown_lines(result: dict[str, Any]) -> list[str]:
         lines.append(f"| {ws} | {fmt_size(size)} | " + " | ".join("—" if vals[n] is None else f"{vals[n]:.3f}" for n in TARGET_NAMES) + " |")
     return [*lines, ""]
 
-
-def plot_row(axes: list[Any], records: list[dict], world_sizes: list[int]) -> None:
-    """One axis per world size: blocking (solid) and ready (dashed) of each weights case vs size."""
-    recs = _records(records)
-    for ax, ws in zip(axes, world_sizes):
-        for i, case in enumerate(CASES):
-            pts = sorted((r["size_bytes"], r["blocking_s"]["median"], r["durable_s"]["median"])
-                         for r in recs if r["world_size"] == ws and r["case"] == case)
-            if not pts:
-                continue
-            color = f"C{i}"
-            ax.plot([p[0] / GiB for p in pts], [p[1] for p in pts], "-", marker="o", color=color, label=f"{case} blocking")
-            if case in ("weights_sync", "weights_async"):
-                ax.plot([p[0] / GiB for p in pts], [p[2] for p in pts], "--", marker="x", color=color, label=f"{case} ready")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("fp32 parameters (GiB, total)")
-        ax.set_ylabel("s, median")
-        ax.set_title(f"world size {ws}: weights publish (solid: blocking, dashed: until COMPLETE)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
