@@ -19,7 +19,8 @@ fsync'd).
   i.e. the manager's ``save_future`` (DCP's upload future: every file written and fsync'd, and
   ``.metadata`` written by rank 0) is done.
 * ``titan_async_pinned`` (``async_mode="async_with_pinned_mem"``): DCP's process-based async save
-  with a pinned, shared-memory ``DefaultStager``; CUDA only (pinned memory needs an accelerator);
+  with a pinned, shared-memory ``DefaultStager``; CUDA only (on CPU torch refuses its
+  ``use_non_blocking_copy=True``: "Non-blocking copy requires that the current accelerator is available");
   ``staging_s`` = until ``maybe_wait_for_staging()`` returns.
 * ``titan_load``: ``CheckpointManager.load(step)`` of the newest ``titan_sync`` step (page cache
   dropped): ``dcp.load`` into its flattened state, then the model's ``load_state_dict``.
@@ -131,7 +132,7 @@ def titan_async(ctx, st) -> Op | None:
 def titan_async_pinned(ctx, st) -> Op | None:
     import torch
 
-    if not torch.cuda.is_available():  # pinned staging memory needs an accelerator
+    if not torch.cuda.is_available():  # DefaultStager(use_non_blocking_copy=True) asserts an accelerator
         return None
     return _save_op(ctx, st, "titan_async_pinned", "async_with_pinned_mem",
                     "torchtitan CheckpointManager, async_mode=async_with_pinned_mem (process, pinned shared-memory stager)")
