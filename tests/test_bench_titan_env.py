@@ -74,6 +74,8 @@ def test_launch_without_the_environment_skips_the_cases_with_a_note(bench, tmp_p
     # no torchtitan case selected: nothing to say, nothing passed on
     argv = ["--cases", "memcpy,ckpt_sync", "--titan-env", str(tmp_path / "none")]
     assert launch.titan_notes(settings.settings_from_args(argv), argv) == [] and "--no-titan" not in argv
+    argv = ["--weights-only", "--titan-env", str(tmp_path / "none")]
+    assert launch.titan_notes(settings.settings_from_args(argv), argv) == [] and "--no-titan" not in argv
 
 
 def test_launch_with_the_environment_names_the_version(bench, tmp_path):

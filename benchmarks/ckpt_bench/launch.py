@@ -97,7 +97,8 @@ def titan_notes(s: Settings, argv: list[str]) -> list[str]:
     from ckpt_bench import registry
     from ckpt_bench.titan_env import availability
 
-    if not any(spec.family == "titan" for phase in ("save", "load") for spec in registry.selected(phase, s.cases)):
+    if s.weights_only or not any(spec.family == "titan" for phase in ("save", "load")
+                                 for spec in registry.selected(phase, s.cases)):
         return []
     if not s.titan:
         return ["torchtitan cases skipped: --no-titan"]
