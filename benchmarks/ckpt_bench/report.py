@@ -41,6 +41,7 @@ def markdown(result: dict[str, Any]) -> str:
             )
         ),
         "",
+        *[f"Note: {n}\n" for n in result.get("notes", [])],
     ]
     if any(r["kind"] != "weights" for r in result["records"]):
         lines += checkpoint_markdown(result)
@@ -158,6 +159,7 @@ def merge_results(paths: list[Path], name: str) -> dict[str, Any]:
             ],
         },
         "errors": [e for part in parts for e in part["errors"]],
+        "notes": list(dict.fromkeys(n for part in parts for n in part.get("notes", []))),
         "records": records,
         "extras": {str(k): v for k, v in sorted(extras.items())},
         "targets": compute_targets(records, extras, world_sizes, sizes) if records else {},

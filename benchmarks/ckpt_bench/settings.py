@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckpt_bench.common import BENCH_DIR, GiB, MiB, parse_size
+from ckpt_bench.titan_env import DEFAULT_ENV
 
 DESCRIPTION = "Sync vs async checkpoint save latency, measured side by side against baselines (issue 6)."
 
@@ -28,6 +29,10 @@ def build_parser(description: str = DESCRIPTION) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps per mode in the step-overhead loop (default 100; --quick 20)")
     p.add_argument("--rss-saves", type=int, default=None, help="consecutive async saves for the RSS drift check (default 20; --quick 4)")
     p.add_argument("--rss-size", default=None, help="state size of the RSS checks (default: largest size <= 1G)")
+    p.add_argument("--no-titan", action="store_true",
+                   help="skip the torchtitan CheckpointManager cases (titan_*; they need .venv-titan: make titan-env)")
+    p.add_argument("--titan-env", default=str(DEFAULT_ENV),
+                   help="the virtual environment torchtitan is imported from (default .venv-titan)")
     p.add_argument("--no-weights", action="store_true", help="skip the weights publishing cases")
     p.add_argument("--weights-only", action="store_true",
                    help="run only the weights publishing cases (no checkpoint, load, S3, step-overhead or RSS-drift cases)")
@@ -80,6 +85,8 @@ class Settings:
     cases: list[str] | None = None  # None = every registered case
     case_modules: list[str] = field(default_factory=list)
     list_cases: bool = False
+    titan: bool = True  # the torchtitan cases (False: --no-titan, or no environment for them)
+    titan_env: str = str(DEFAULT_ENV)
 
 
 def settings_from_args(argv: list[str] | None = None) -> Settings:
@@ -113,4 +120,6 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         cases=[c.strip() for c in a.cases.split(",") if c.strip()] if a.cases is not None else None,
         case_modules=list(a.case_module),
         list_cases=a.list_cases,
+        titan=not a.no_titan,
+        titan_env=str(Path(a.titan_env).resolve()),
     )
