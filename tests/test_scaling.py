@@ -101,7 +101,7 @@ def test_quick_dcp_and_retention(tmp_path):
         assert len(rows) == 3
         for r in rows:
             assert r["chunks"] == r["tensors"] * r["ranks"]
-            assert all(r[k] > 0 for k in ("plan_s", "metadata_bytes", "plans_bytes", "decode_s", "pickle_loads_s"))
+            assert all(r[k] > 0 for k in ("plan_s", "metadata_bytes", "plans_bytes", "decode_s", "pickle_loads_s", "load_plan_rank_s"))
         # more tensors or ranks: more chunks in the same .metadata, never fewer bytes
         assert [r["metadata_bytes"] for r in rows] == sorted(r["metadata_bytes"] for r in rows)
     labels = {r["label"] for r in result["growth"]}

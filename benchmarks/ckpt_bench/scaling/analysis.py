@@ -20,6 +20,7 @@ QUANTITIES = [
     ("dcp", "ranks", "ranks", "plan_s", "coordinator planning vs ranks (1e3 tensors)", "s"),
     ("dcp", "ranks", "ranks", "plans_bytes", "gathered local plans vs ranks (1e3 tensors)", "B"),
     ("dcp", "ranks", "ranks", "decode_s", "safe .metadata decode vs ranks (1e3 tensors)", "s"),
+    ("dcp", "ranks", "ranks", "load_plan_rank_s", "one rank's load planning vs ranks (1e3 tensors)", "s"),
     ("retention", "keep3", "steps", "plan_s", "retention plan vs steps (keep=3)", "s"),
     ("retention", "keep3_every100", "steps", "plan_s", "retention plan vs steps (keep=3, keep_interval=100)", "s"),
     ("s3", "s3", "steps", "list_requests", "`list` S3 requests vs steps", "req"),
@@ -71,7 +72,7 @@ def extrapolate(result: dict[str, Any]) -> dict[str, Any]:
     pts = [p for sweep in result.get("dcp", {}).get("points", {}).values() for p in sweep]
     if len({p["chunks"] for p in pts}) >= 2:
         fits = {f: fit_growth([p["chunks"] for p in pts], [p[f] for p in pts])
-                for f in ("metadata_bytes", "plan_s", "decode_s", "pickle_loads_s", "plans_bytes")}
+                for f in ("metadata_bytes", "plan_s", "decode_s", "pickle_loads_s", "plans_bytes", "load_plan_rank_s")}
         out["dcp_fits_on_chunks"] = {f: {k: v for k, v in fit.items() if k != "residuals"} for f, fit in fits.items()}
         biggest = max(pts, key=lambda p: p["chunks"])
         out["bytes_per_chunk"] = biggest["metadata_bytes"] / biggest["chunks"]

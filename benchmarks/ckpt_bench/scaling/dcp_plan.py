@@ -14,7 +14,10 @@ with the planner data DCP's flattening attaches (fqn -> path). Then, timed:
   unpickler every read of this project goes through), beside ``pickle_loads_s`` (plain
   ``pickle.loads``, the floor);
 * ``plans_bytes``: the pickled local plans together (what ``gather_object`` brings to the
-  coordinator before planning).
+  coordinator before planning);
+* ``load_plan_rank_s``: one rank's local load planning against that metadata (DCP's
+  ``create_read_items_for_chunk_list`` for each tensor, the rank's own row block as the local
+  chunk: what ``create_default_local_load_plan`` does per DTensor), run on every rank at load.
 """
 
 from __future__ import annotations
@@ -62,6 +65,24 @@ def _fill_storage_data(metadata, global_plan: list) -> None:
     metadata.storage_data = storage
 
 
+def _load_plan_one_rank(metadata, ranks: int) -> float:
+    """Seconds for the middle rank's read items of every tensor (same sharding as saved); checks
+    each tensor needs exactly one read (its own saved chunk)."""
+    import torch
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    r, rows = ranks // 2, ROWS // ranks
+    local = [ChunkStorageMetadata(offsets=torch.Size([r * rows, 0]), sizes=torch.Size([rows, COLS]))]
+    t0 = time.perf_counter()
+    reads = 0
+    for fqn, md in metadata.state_dict_metadata.items():
+        reads += len(create_read_items_for_chunk_list(fqn, md, local))
+    dt = time.perf_counter() - t0
+    assert reads == len(metadata.state_dict_metadata), reads
+    return dt
+
+
 def measure_point(tensors: int, ranks: int) -> dict[str, Any]:
     """One point of the series (see the module docstring for the fields)."""
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
@@ -87,6 +108,7 @@ def measure_point(tensors: int, ranks: int) -> dict[str, Any]:
     decoded = decode_dcp_metadata(data, "scaling/.metadata")
     decode_s = time.perf_counter() - t0
     assert len(decoded.state_dict_metadata) == tensors, (len(decoded.state_dict_metadata), tensors)
+    load_plan_s = _load_plan_one_rank(decoded, ranks)
     del decoded
     gc.collect()
     t0 = time.perf_counter()
@@ -94,7 +116,7 @@ def measure_point(tensors: int, ranks: int) -> dict[str, Any]:
     loads_s = time.perf_counter() - t0
     return {"tensors": tensors, "ranks": ranks, "chunks": tensors * ranks, "build_plans_s": build_s,
             "plans_bytes": plans_bytes, "plan_s": plan_s, "metadata_bytes": len(data), "pickle_dumps_s": dump_s,
-            "decode_s": decode_s, "pickle_loads_s": loads_s}
+            "decode_s": decode_s, "pickle_loads_s": loads_s, "load_plan_rank_s": load_plan_s}
 
 
 def run(quick: bool, max_point_s: float, log) -> dict[str, Any]:
@@ -112,7 +134,8 @@ def run(quick: bool, max_point_s: float, log) -> dict[str, Any]:
         for tensors, ranks in points:
             if rows:
                 prev = rows[-1]
-                per_chunk = sum(prev[k] for k in ("build_plans_s", "plan_s", "pickle_dumps_s", "decode_s", "pickle_loads_s")) / prev["chunks"]
+                per_chunk = sum(prev[k] for k in ("build_plans_s", "plan_s", "pickle_dumps_s", "decode_s", "pickle_loads_s",
+                                                     "load_plan_rank_s")) / prev["chunks"]
                 guess = per_chunk * tensors * ranks
                 if guess > max_point_s:
                     out["skipped"].append({"sweep": name, "tensors": tensors, "ranks": ranks, "predicted_s": guess})

@@ -42,9 +42,11 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["## DCP save planning and `.metadata` (simulated ranks)", ""]
         for sweep, pts in dcp["points"].items():
             lines += [f"Sweep over {sweep}:", ""]
-            lines += _table(["tensors", "ranks", "chunks", "plan (coordinator)", ".metadata", "gathered plans", "safe decode", "pickle.loads"],
+            lines += _table(["tensors", "ranks", "chunks", "plan (coordinator)", ".metadata", "gathered plans", "safe decode",
+                             "pickle.loads", "load plan (1 rank)"],
                             [[p["tensors"], p["ranks"], p["chunks"], _num(p["plan_s"], "s"), _num(p["metadata_bytes"], "B"),
-                              _num(p["plans_bytes"], "B"), _num(p["decode_s"], "s"), _num(p["pickle_loads_s"], "s")] for p in pts])
+                              _num(p["plans_bytes"], "B"), _num(p["decode_s"], "s"), _num(p["pickle_loads_s"], "s"),
+                              _num(p["load_plan_rank_s"], "s")] for p in pts])
             lines.append("")
         for sk in dcp.get("skipped", []):
             lines.append(f"- skipped {sk['tensors']} tensors x {sk['ranks']} ranks: predicted {sk['predicted_s']:.0f} s")
@@ -74,9 +76,10 @@ def markdown(result: dict[str, Any]) -> str:
     ex = result.get("extrapolation", {})
     if ex.get("dcp"):
         lines += ["## Extrapolated to large jobs (fits on chunks = tensors x ranks)", ""]
-        lines += _table(["job", "chunks", ".metadata", "plan (coordinator)", "safe decode", "gathered plans"],
+        lines += _table(["job", "chunks", ".metadata", "plan (coordinator)", "safe decode", "gathered plans", "load plan (1 rank)"],
                         [[j["job"], f"{j['chunks']:.3g}", _num(j["metadata_bytes_pred"], "B"), _num(j["plan_s_pred"], "s"),
-                          _num(j["decode_s_pred"], "s"), _num(j["plans_bytes_pred"], "B")] for j in ex["dcp"]])
+                          _num(j["decode_s_pred"], "s"), _num(j["plans_bytes_pred"], "B"), _num(j["load_plan_rank_s_pred"], "s")]
+                         for j in ex["dcp"]])
         lines.append("")
     if result.get("errors"):
         lines += ["## Errors", ""] + [f"- {e}" for e in result["errors"]]
@@ -123,7 +126,9 @@ def plot(result: dict[str, Any], path: Path) -> bool:
             panels.append((f"DCP .metadata and gathered plans vs {sweep}", xl, "bytes",
                            [(".metadata", xs, [p["metadata_bytes"] for p in pts]), ("gathered plans", xs, [p["plans_bytes"] for p in pts])]))
             panels.append((f"DCP planning and safe decode vs {sweep}", xl, "seconds",
-                           [("create_global_plan", xs, [p["plan_s"] for p in pts]), ("decode_dcp_metadata", xs, [p["decode_s"] for p in pts])]))
+                           [("create_global_plan (coordinator)", xs, [p["plan_s"] for p in pts]),
+                            ("decode_dcp_metadata (safe)", xs, [p["decode_s"] for p in pts]),
+                            ("load plan, one rank", xs, [p["load_plan_rank_s"] for p in pts])]))
     ret = result.get("retention", {}).get("points", {})
     if ret:
         panels.append(("retention plan vs steps on disk", "steps (checkpoints; as many weights)", "seconds",
