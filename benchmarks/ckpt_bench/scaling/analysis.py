@@ -47,7 +47,7 @@ def growth_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     series: list[tuple[str, list[float], list[float], str, str]] = []
     for key, sweep, xf, yf, label, unit in QUANTITIES:
-        pts = result.get(key, {}).get("points", {}).get(sweep, [])
+        pts = [p for p in result.get(key, {}).get("points", {}).get(sweep, []) if p.get(yf) is not None]
         if len(pts) >= 2:
             series.append((label, [p[xf] for p in pts], [p[yf] for p in pts], unit, key))
     series += _reshard_quantities(result)
@@ -87,13 +87,16 @@ def extrapolate(result: dict[str, Any]) -> dict[str, Any]:
             out["retention"][name] = {"law": fit["law"], "plan_s_at_1e5": predict(fit, 1e5), "plan_s_at_1e6": predict(fit, 1e6),
                                       "measured_max_steps": rows[-1]["steps"]}
     s3 = result.get("s3", {}).get("points", {}).get("s3", [])
-    if s3:
-        last = s3[-1]
-        out["s3"] = {"steps": last["steps"], "list_requests_per_step": last["list_requests"] / last["steps"],
-                     "verify_requests_per_step": last["verify_requests"] / last["steps"],
-                     "list_s_per_step": last["list_s"] / last["steps"], "verify_s_per_step": last["verify_s"] / last["steps"]}
-        if len(s3) >= 2:
-            for f in ("list_requests", "list_s", "verify_requests", "verify_s"):
-                fit = fit_growth([r["steps"] for r in s3], [r[f] for r in s3])
-                out["s3"][f"{f}_at_1e4"] = predict(fit, 1e4)
+    for cmd in ("list", "verify"):
+        rows = [r for r in s3 if r.get(f"{cmd}_s")]
+        if rows:
+            last = rows[-1]
+            out["s3"][cmd] = {"steps": last["steps"], "requests_per_step": last[f"{cmd}_requests"] / last["steps"],
+                              "s_per_step": last[f"{cmd}_s"] / last["steps"]}
+        if len(rows) >= 2:
+            for f in ("requests", "s"):
+                fit = fit_growth([r["steps"] for r in rows], [r[f"{cmd}_{f}"] for r in rows])
+                out["s3"][cmd][f"{f}_law"] = fit["law"]
+                out["s3"][cmd][f"{f}_at_1e3"] = predict(fit, 1e3)
+                out["s3"][cmd][f"{f}_at_1e4"] = predict(fit, 1e4)
     return out

@@ -62,9 +62,12 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["## `prime-ckpt list` / `verify` on S3 (moto)", "",
                   f"Each a fresh process (import alone: {_num(s3.get('cli_startup_s', 0), 's')}); requests counted at the server.", ""]
         lines += _table(["steps", "objects", "list", "list requests", "verify", "verify requests", "verify by kind"],
-                        [[p["steps"], p["objects"], _num(p["list_s"], "s"), p["list_requests"], _num(p["verify_s"], "s"),
-                          p["verify_requests"], ", ".join(f"{k} {v}" for k, v in sorted(p["verify_by_kind"].items()))] for p in s3["points"]["s3"]])
+                        [[p["steps"], p["objects"], _num(p["list_s"], "s") if p.get("list_s") else "skipped", p.get("list_requests", "—"),
+                          _num(p["verify_s"], "s") if p.get("verify_s") else "skipped", p.get("verify_requests", "—"),
+                          ", ".join(f"{k} {v}" for k, v in sorted(p.get("verify_by_kind", {}).items()))] for p in s3["points"]["s3"]])
         lines.append("")
+        for sk in s3.get("skipped", []):
+            lines.append(f"- skipped `{sk['command']}` at {sk['steps']} steps: predicted {sk['predicted_s']:.0f} s")
     rs = result.get("reshard")
     if rs:
         lines += ["## Load time vs world-size change (save N ranks, load M)", "",
@@ -135,11 +138,14 @@ def plot(result: dict[str, Any], path: Path) -> bool:
                        [(name, [p["steps"] for p in pts], [p["plan_s"] for p in pts]) for name, pts in ret.items() if pts]))
     s3 = result.get("s3", {}).get("points", {}).get("s3", [])
     if s3:
-        xs = [p["steps"] for p in s3]
+        def cmd(c: str, f: str):
+            pts = [p for p in s3 if p.get(f"{c}_{f}")]
+            return (c, [p["steps"] for p in pts], [p[f"{c}_{f}"] for p in pts])
+
         panels.append(("S3 requests vs steps (moto)", "checkpoint steps in the bucket", "requests",
-                       [("list", xs, [p["list_requests"] for p in s3]), ("verify", xs, [p["verify_requests"] for p in s3])]))
+                       [cmd("list", "requests"), cmd("verify", "requests")]))
         panels.append(("CLI time vs steps on S3 (fresh process)", "checkpoint steps in the bucket", "seconds",
-                       [("list", xs, [p["list_s"] for p in s3]), ("verify", xs, [p["verify_s"] for p in s3])]))
+                       [cmd("list", "s"), cmd("verify", "s")]))
     rs = result.get("reshard", {}).get("points", {}).get("reshard", [])
     if rs:
         size = max(p["size_bytes"] for p in rs)

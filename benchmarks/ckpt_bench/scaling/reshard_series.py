@@ -1,4 +1,5 @@
-"""Series 4: load time vs world-size change (save at N ranks, load at M ranks; N, M in {1, 2, 4}).
+"""Series 4: load time vs world-size change (save at N ranks, load at M ranks; N, M in {1, 2, 4};
+12 MiB (--quick) or 60 MiB of parameters + AdamW state, 1 and 5 layers of the benchmark's model).
 
 Each N saves once (one torchrun of :mod:`reshard_worker`); each (N, M) loads it in a torchrun of
 M ranks, timed inside (median of a few loads, the slowest rank each) and checked against the
@@ -20,7 +21,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ckpt_bench.common import ROOT, MiB
+from ckpt_bench.common import HIDDEN, ROOT
+
+#: Bytes of one Linear(HIDDEN, HIDDEN) layer's weight + bias + AdamW's two moments (fp32): the
+#: model's unit (``ckpt_bench.model``), so the sizes below are exact.
+LAYER_BYTES = 3 * (HIDDEN * HIDDEN + HIDDEN) * 4
 
 WORKER = Path(__file__).with_name("reshard_worker.py")
 
@@ -43,7 +48,7 @@ def torchrun(nproc: int, args: list[str], timeout: float) -> None:
 
 
 def run(quick: bool, max_point_s: float, log) -> dict[str, Any]:
-    sizes = [4 * MiB] if quick else [16 * MiB, 64 * MiB]
+    sizes = [LAYER_BYTES] if quick else [5 * LAYER_BYTES]  # 12 MiB, 60 MiB
     worlds = (1, 2) if quick else (1, 2, 4)
     reps = 2 if quick else 3
     rows: list[dict] = []
@@ -59,7 +64,7 @@ def run(quick: bool, max_point_s: float, log) -> dict[str, Any]:
                     times = json.loads(res.read_text())["load_s"]
                     rows.append({"size_bytes": size, "save_ranks": n, "load_ranks": m, "load_s": statistics.median(times),
                                  "load_min_s": min(times), "load_max_s": max(times), "reps": len(times)})
-                    log(f"  reshard {size // MiB} MiB: {n} -> {m} ranks: load {rows[-1]['load_s']:.3f} s")
+                    log(f"  reshard {size >> 20} MiB: {n} -> {m} ranks: load {rows[-1]['load_s']:.3f} s")
                 shutil.rmtree(out, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

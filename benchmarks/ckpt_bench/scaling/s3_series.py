@@ -12,6 +12,7 @@ listed, every step verified ok) so a broken run never passes as a fast one.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -112,8 +113,9 @@ def cli(server: CountingMoto, *args: str, timeout: float, parse: bool = True) ->
 def run(quick: bool, max_point_s: float, log) -> dict[str, Any]:
     import s3fs
 
-    ladder = (3, 10, 30) if quick else (10, 100, 1000)
+    ladder = (2, 4, 8) if quick else (3, 10, 30, 60)
     rows: list[dict] = []
+    skipped: list[dict] = []
     with CountingMoto() as server, tempfile.TemporaryDirectory(prefix="prime_ckpt_scaling_") as tmp:
         for k, v in S3_ENV.items():
             os.environ.setdefault(k, v)
@@ -126,18 +128,33 @@ def run(quick: bool, max_point_s: float, log) -> dict[str, Any]:
             prefix = f"{BUCKET}/run_{n}"
             t0 = time.perf_counter()
             write_run(fs, prefix, n, files)
-            write_s = time.perf_counter() - t0
+            row: dict[str, Any] = {"steps": n, "objects": n * (len(files) + 1), "write_s": time.perf_counter() - t0}
             url = f"s3://{prefix}"
-            list_s, list_req, listed = cli(server, "list", "--json", url, timeout=max_point_s * 5)
-            assert len(listed["checkpoints"]) == n and all(c["complete"] for c in listed["checkpoints"]), listed
-            verify_s, verify_req, verified = cli(server, "verify", "--json", url, timeout=max_point_s * 5)
-            assert verified["ok"] and len(verified["steps"]) == n, verified
-            row = {"steps": n, "objects": n * (len(files) + 1), "write_s": write_s,
-                   "list_s": list_s, "list_requests": sum(list_req.values()), "list_by_kind": list_req,
-                   "verify_s": verify_s, "verify_requests": sum(verify_req.values()), "verify_by_kind": verify_req}
-            log(f"  s3 {n} steps: list {list_s:.2f} s / {row['list_requests']} requests, "
-                f"verify {verify_s:.2f} s / {row['verify_requests']} requests")
+            for cmd in ("list", "verify"):
+                done = [r for r in rows if r.get(f"{cmd}_s")]
+                guess = _predict(done, cmd, n)
+                if guess > max_point_s:
+                    skipped.append({"command": cmd, "steps": n, "predicted_s": guess})
+                    log(f"  s3 {n} steps: skip {cmd} (predicted {guess:.0f} s > {max_point_s:.0f} s)")
+                    continue
+                dt, req, out = cli(server, cmd, "--json", url, timeout=max(120.0, 5 * max_point_s))
+                if cmd == "list":
+                    assert len(out["checkpoints"]) == n and all(c["complete"] for c in out["checkpoints"]), out
+                else:
+                    assert out["ok"] and len(out["steps"]) == n, out
+                row.update({f"{cmd}_s": dt, f"{cmd}_requests": sum(req.values()), f"{cmd}_by_kind": req})
+                log(f"  s3 {n} steps: {cmd} {dt:.2f} s / {sum(req.values())} requests")
             rows.append(row)
         # the fixed cost in every point: a process that only imports the CLI
         startup_s, _, _ = cli(server, "--help", timeout=max_point_s, parse=False)
-    return {"points": {"s3": rows}, "skipped": [], "cli_startup_s": startup_s}
+    return {"points": {"s3": rows}, "skipped": skipped, "cli_startup_s": startup_s}
+
+
+def _predict(done: list[dict], cmd: str, n: int) -> float:
+    """Seconds ``cmd`` would take at n steps, from the last two measured points' local exponent
+    (at least 1); 0 with fewer than two."""
+    if len(done) < 2:
+        return 0.0
+    a, b = done[-2], done[-1]
+    k = max(1.0, math.log(b[f"{cmd}_s"] / a[f"{cmd}_s"]) / math.log(b["steps"] / a["steps"]))
+    return b[f"{cmd}_s"] * (n / b["steps"]) ** k
