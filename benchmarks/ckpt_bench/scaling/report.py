@@ -104,8 +104,14 @@ def _panel(ax, title: str, xlabel: str, ylabel: str, curves: list[tuple[str, lis
             grid = np.geomspace(min(p[0] for p in pts), max(p[0] for p in pts), 50)
             ax.plot(grid, [max(predict(fit, g), 1e-12) for g in grid], "--", color=colour, alpha=0.6,
                     label=f"fit: {fit['law']} (slope {fit['exponent']:.2f})")
+    from matplotlib.ticker import NullFormatter
+
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    xs_all = sorted({x for _, xs, _ in curves for x in xs})
+    if xs_all:  # the measured n as the ticks: short ranges (1-4 ranks, 3-60 steps) stay legible
+        ax.set_xticks(xs_all, [f"{x:g}" for x in xs_all])
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
