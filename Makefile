@@ -18,7 +18,7 @@ TITAN_STAMP := $(TITAN_VENV)/.installed
 export WANDB_MODE ?= offline
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install inference-env titan-env test test-slow demo bench lint clean
+.PHONY: install inference-env titan-env test test-slow demo bench bench-scaling lint clean
 
 install: $(STAMP)
 
@@ -67,6 +67,10 @@ $(TITAN_STAMP):
 bench: $(STAMP)
 	$(MAKE) titan-env || echo "make titan-env failed: the benchmark runs without the torchtitan cases"
 	$(PY) benchmarks/save_latency.py --titan-env $(TITAN_VENV) $(BENCH_ARGS)
+
+# how the cost grows: tensors, ranks (simulated), steps kept, objects on S3 (moto), resharding (~11 min)
+bench-scaling: $(STAMP)
+	$(PY) benchmarks/scaling.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m pip install -q ruff
