@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prime_ckpt.manifest import MANIFEST_FILE, verify_step, verify_targets, write_manifest
+from prime_ckpt.verify import run_parts
 
 
 @dataclass(frozen=True)
@@ -37,12 +38,13 @@ def backfill_manifests(path: Any, *, force: bool = False) -> Iterator[BackfillOu
         VerifyTargetError: ``path`` is not a run, step or steps directory.
         OSError: a file cannot be read or the manifest cannot be written.
     """
+    parts_cache: dict[str, tuple[str, ...]] = {}
     for t in verify_targets(path):
         if (t / MANIFEST_FILE).is_file() and not force:
             yield BackfillOutcome("exists", t)
             continue
         if not force:
-            r = verify_step(t, allow_missing_manifest=True)
+            r = verify_step(t, parts=run_parts(t, parts_cache), allow_missing_manifest=True)
             if not r.ok:
                 yield BackfillOutcome("skipped", t, f"{r.status}: {r.problems[0] if r.problems else ''}")
                 continue

@@ -45,6 +45,7 @@ Names that are not ``step_<int>`` never reach the inventory, so never appear in 
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -181,13 +182,20 @@ def weights_rules(policy: RetentionPolicy, pinning: Iterable[int]) -> list[Reten
     """The rules that keep weights steps, in reason order (the user's rules are not among them:
     they see only complete weights of this run). ``pinning``: the kept (and in-flight)
     checkpoint steps, ascending."""
-    rules: list[RetentionRule] = [KeepAll()] if policy.keep is None else []
-    rules += [AheadOfCurrent(), *(PinnedBy(x) for x in pinning), LiveWindow()]
+    head, tail = _weights_rules_around_pins(policy)
+    return [*head, *(PinnedBy(x) for x in pinning), *tail]
+
+
+def _weights_rules_around_pins(policy: RetentionPolicy) -> tuple[list[RetentionRule], list[RetentionRule]]:
+    """The weights rules before and after the :class:`PinnedBy` ones (see :func:`weights_rules`)."""
+    head: list[RetentionRule] = [KeepAll()] if policy.keep is None else []
+    head.append(AheadOfCurrent())
+    tail: list[RetentionRule] = [LiveWindow()]
     if policy.consumer_step is not None:
-        rules.append(ConsumerAck(policy.consumer_step))
+        tail.append(ConsumerAck(policy.consumer_step))
     if policy.weights_interval:
-        rules.append(KeepEvery(policy.weights_interval, "weights_interval"))
-    return rules
+        tail.append(KeepEvery(policy.weights_interval, "weights_interval"))
+    return head, tail
 
 
 def _entry(path: AnyPath, kind: Kind, step: int, keep: list[str], delete: tuple[str, ...]) -> PlanEntry:
@@ -262,7 +270,7 @@ def plan(
     # An in-flight step may not be on disk yet; its window is pinned all the same.
     kept = {c.step for c, e in zip(ckpts, entries) if e.action == "keep" and c.foreign is None}
     pinning = sorted(kept | in_flight_set)
-    rules = weights_rules(policy, pinning)
+    head, tail = _weights_rules_around_pins(policy)
     user = [UserRule(r) for r in policy.rules]
 
     complete_weights = [w.step for w in weights if w.complete and w.step <= current_step and w.foreign is None]
@@ -270,7 +278,10 @@ def plan(
     for w in weights:
         view = StepView("weights", w.step, w.complete, current_step, k)
         keep = [foreign_reason_text(w.foreign)] if w.foreign is not None else []
-        keep += reasons(rules, view)
+        # only the checkpoints x with w.step in [x - k, x] can pin it: found by bisection, so
+        # planning stays linear in steps on disk however many checkpoints are kept
+        pins = pinning[bisect.bisect_left(pinning, w.step): bisect.bisect_right(pinning, w.step + k)]
+        keep += reasons([*head, *(PinnedBy(x) for x in pins), *tail], view)
         if w.foreign is None and w.complete and w.step <= current_step:
             keep += reasons(user, view)
         if not w.complete and not keep and (newest_weights is None or w.step > newest_weights):

@@ -241,7 +241,7 @@ def verify_step(
         _check_weights(step_dir, structural)
     else:
         if parts is None:
-            parts = detect_parts(scan_checkpoints(step_dir.parent.parent)) if step_dir.parent.name == CHECKPOINTS_DIR else ()
+            parts = run_parts(step_dir)
         trainer_dir = step_dir / TRAINER_PART
         orch = step_dir / ORCHESTRATOR_FILE
         if not trainer_dir.is_dir():
@@ -302,6 +302,39 @@ def verify_targets(path: AnyPath | str) -> list[AnyPath]:
     return targets
 
 
+def run_parts(step_dir: AnyPath | str, cache: dict[str, tuple[str, ...]] | None = None) -> tuple[str, ...]:
+    """The parts a checkpoint step needs to be complete, judged from its run
+    (:func:`prime_ckpt.layout.detect_parts` of ``checkpoints/``; ``()`` for a step outside a
+    run's ``checkpoints/``). With ``cache`` (one dict per batch of steps) the run is scanned once,
+    not once per step: verifying N steps on object storage lists the run once instead of N
+    times (``benchmarks/scaling.py`` measured the requests per step growing with N)."""
+    step_dir = to_path(step_dir)
+    if step_dir.parent.name != CHECKPOINTS_DIR:
+        return ()
+    key = str(step_dir.parent)
+    if cache is None or key not in cache:
+        parts = detect_parts(scan_checkpoints(step_dir.parent.parent))
+        if cache is None:
+            return parts
+        cache[key] = parts
+    return cache[key]
+
+
+def verify_steps(
+    targets: list[AnyPath],
+    *,
+    allow_missing_manifest: bool = False,
+    on_bytes: OnBytes | None = None,
+) -> list[VerifyReport]:
+    """:func:`verify_step` for each of ``targets`` (step directories), each run scanned once for
+    the parts its checkpoint steps need (:func:`run_parts`)."""
+    cache: dict[str, tuple[str, ...]] = {}
+    return [
+        verify_step(t, parts=run_parts(t, cache), allow_missing_manifest=allow_missing_manifest, on_bytes=on_bytes)
+        for t in targets
+    ]
+
+
 def verify_path(
     path: AnyPath | str,
     *,
@@ -309,10 +342,7 @@ def verify_path(
     on_bytes: OnBytes | None = None,
 ) -> list[VerifyReport]:
     """:func:`verify_step` for every step under ``path`` (see :func:`verify_targets`)."""
-    return [
-        verify_step(target, allow_missing_manifest=allow_missing_manifest, on_bytes=on_bytes)
-        for target in verify_targets(path)
-    ]
+    return verify_steps(verify_targets(path), allow_missing_manifest=allow_missing_manifest, on_bytes=on_bytes)
 
 
 def all_ok(reports: list[VerifyReport], complete_only: bool = False) -> bool:

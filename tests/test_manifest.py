@@ -281,3 +281,23 @@ def test_a_deeply_nested_manifest_is_one_line_not_a_recursion_error(tmp_path):
     r = CliRunner().invoke(app, ["verify", str(tmp_path)])
     assert r.exit_code == 1 and "RecursionError" in r.stdout and "Traceback" not in r.output, r.output
     assert f"{step / 'manifest.json'}: not a readable manifest (RecursionError)" in r.stdout.replace("\n", "")
+
+
+def test_verifying_a_run_scans_it_once_for_the_parts_not_once_per_step(tmp_path, monkeypatch):
+    """`verify` of a run with N checkpoint steps judges the parts a step needs from one scan of
+    the run (before: one scan per step, N listings of the whole run on S3: requests per step grew
+    with N in benchmarks/scaling.py). The reports are the same."""
+    from tests.marks import write_orchestrator_mark, write_trainer_mark
+
+    for s in range(1, 7):
+        write_trainer_mark(tmp_path / "checkpoints" / f"step_{s}" / "trainer")
+        if s != 3:
+            write_orchestrator_mark(tmp_path / "checkpoints" / f"step_{s}" / "orchestrator.pt", s)
+    calls = []
+    real = verify_mod.scan_checkpoints
+    monkeypatch.setattr(verify_mod, "scan_checkpoints", lambda root: calls.append(root) or real(root))
+    reports = verify_path(tmp_path, allow_missing_manifest=True)
+    assert len(calls) == 2, calls  # the targets, then the parts: not 1 + 6
+    one_by_one = [verify_step(tmp_path / "checkpoints" / f"step_{s}", allow_missing_manifest=True) for s in range(1, 7)]
+    assert [r.to_dict() for r in reports] == [r.to_dict() for r in one_by_one]
+    assert [r.status for r in reports] == ["ok", "ok", "incomplete", "ok", "ok", "ok"]

@@ -207,3 +207,31 @@ def test_guards_come_before_the_rules():
         45: ("keep", (INCOMPLETE_MAYBE_WRITING,)),
         60: ("keep", (AHEAD_OF_CURRENT, "pinned by checkpoint step 60 (needs weights [59, 60])")),
     }
+
+
+def test_weights_planning_asks_only_the_checkpoints_whose_window_can_hold_the_step(monkeypatch):
+    """Each weights step is checked against the kept checkpoints x with the step in [x - k, x]
+    only (by bisection), not against every kept checkpoint: planning stays linear in steps on disk
+    (benchmarks/scaling.py measured 63 s at 1e5 steps with keep_interval=100 before). The plan is
+    the one the full check gives."""
+    import prime_ckpt.retention as retention_mod
+
+    calls = []
+    real = PinnedBy.__call__
+    monkeypatch.setattr(PinnedBy, "__call__", lambda self, v: calls.append(self.x) or real(self, v))
+    n, k = 400, 2
+    inv = Inventory(tuple(ck(s) for s in range(1, n + 1)), tuple(wt(s) for s in range(n + 1)))
+    p = plan(inv, RetentionPolicy(keep=3, keep_interval=10, async_level=k))
+    kept_ckpts = [e.step for e in p.entries if e.kind == "checkpoint" and e.action == "keep"]
+    assert kept_ckpts == sorted([*range(10, n + 1, 10), 398, 399])
+    assert len(calls) <= (k + 1) * (n + 1)  # before: len(kept_ckpts) * (n + 1) = 16842
+    reasons_of = {e.step: e.reasons for e in p.entries if e.kind == "weights"}
+    assert reasons_of[19] == ("pinned by checkpoint step 20 (needs weights [18, 20])",)
+    assert reasons_of[398] == ("pinned by checkpoint step 398 (needs weights [396, 398])",
+                               "pinned by checkpoint step 399 (needs weights [397, 399])",
+                               "pinned by checkpoint step 400 (needs weights [398, 400])", "live async window")
+    assert [e.action for e in p.entries if e.kind == "weights" and e.step == 17] == ["delete"]
+    full = [*retention_mod.weights_rules(RetentionPolicy(keep=3, keep_interval=10, async_level=k), kept_ckpts)]
+    for e in p.entries:
+        if e.kind == "weights" and e.action == "keep":
+            assert list(e.reasons) == retention_mod.reasons(full, StepView("weights", e.step, True, n, k)), e

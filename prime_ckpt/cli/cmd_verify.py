@@ -51,19 +51,14 @@ def verify_cmd(
                 problems: ["<path>: <what>"], unverified: [path]}]}
     Exit codes: 0 every step ok; 1 a problem found (each named with its file); 2 bad path.
     """
-    from prime_ckpt.manifest import (
-        VERIFY_SCHEMA,
-        all_ok,
-        manifest_bytes,
-        verify_step,
-        verify_targets,
-    )
+    from prime_ckpt.manifest import VERIFY_SCHEMA, all_ok, manifest_bytes, verify_targets
+    from prime_ckpt.verify import verify_steps
 
     with user_errors(target=path):
         targets = verify_targets(target(path))
         total = sum(manifest_bytes(t) for t in targets)
         with progress(total, "hashing") as advance:
-            reports = [verify_step(t, allow_missing_manifest=allow_missing_manifest, on_bytes=advance) for t in targets]
+            reports = verify_steps(targets, allow_missing_manifest=allow_missing_manifest, on_bytes=advance)
     ok = all_ok(reports, complete_only)
     if as_json:
         print_json({
