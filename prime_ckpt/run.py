@@ -199,8 +199,7 @@ class RunLease:
             if current.get("run_id") == self.run_id or (
                 current.get("host") == socket.gethostname() and current.get("pid") == os.getpid() and self.stale(current) is None
             ):
-                # the same run (a launcher's child), or this very process (a second Checkpointer;
-                # enter_run then joins that run: nothing of it is set aside)
+                # the same run (a launcher's child), or this very process (a second Checkpointer)
                 self.record, self.owned, self.held = current, False, True
                 return self
             why = self.stale(current)
@@ -319,12 +318,6 @@ def enter_run(
     held = RunLease(layout.output_dir, run_id, ttl_s=lease_ttl_s).acquire() if lease else None
     try:
         start = resolve_resume_step(layout.output_dir, resume_step, parts, async_level=async_level)
-        if held is not None and not held.owned and held.record.get("run_id") != run_id:
-            # This very process entered the directory before, for its run (a second Checkpointer:
-            # a sync and an async one, or one made for an eval): it joins that live run, and
-            # what that run saved is its own, never set aside.
-            logger.info("%s: joining run %s, entered by this process", layout.output_dir, held.record.get("run_id"))
-            return RunEntry(run_id=held.record["run_id"], start_step=start, lease=held)
         moves: list[tuple[str, AnyPath]] = []
         moves += [(f"{CHECKPOINTS_DIR}/{c.path.name}", c.path) for c in scan_checkpoints(layout.output_dir)
                   if c.foreign is None and (start is None or c.step > start)]

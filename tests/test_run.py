@@ -233,26 +233,6 @@ def test_a_launcher_s_child_joins_the_lease_and_leaves_it_to_the_owner(tmp_path)
     assert not (tmp_path / LEASE_FILE).exists()
 
 
-def test_a_second_entry_in_the_same_process_joins_the_live_run_and_sets_nothing_aside(tmp_path):
-    """A second Checkpointer (another run id) in the process that holds the directory, say one
-    made for an eval: before, it joined the lease as "this very process" under its own run id
-    and its fresh start set the live run's steps aside under it."""
-    first = enter_run(tmp_path, None, run_id="live")
-    try:
-        make_ckpt(tmp_path, 1, orchestrator=False)
-        make_weights(tmp_path, 1)
-        second = enter_run(tmp_path, None, run_id="eval")
-        assert second.run_id == "live" and second.set_aside == [] and not second.lease.owned
-        assert [c.step for c in scan_checkpoints(tmp_path)] == [1] and [w.step for w in scan_weights(tmp_path)] == [1]
-        assert not (tmp_path / SUPERSEDED_DIR).exists()
-        assert read_run_record(tmp_path)["run_id"] == "live"
-        second.lease.release()  # a joined lease is left to its owner
-        assert json.loads((tmp_path / LEASE_FILE).read_text())["run_id"] == "live"
-    finally:
-        first.lease.release()
-    assert not (tmp_path / LEASE_FILE).exists()
-
-
 def test_lease_from_another_host_expires_by_heartbeat(tmp_path):
     (tmp_path / LEASE_FILE).write_text(json.dumps({"run_id": "x", "host": "elsewhere", "pid": 1, "heartbeat_at": time.time()}))
     with pytest.raises(RunLeaseError, match="pid 1 on host elsewhere, heartbeat 0 s ago"):
