@@ -21,6 +21,7 @@ SCRIPT = ROOT / "benchmarks" / "save_latency.py"
 TARGETS = {
     "blocking_vs_memcpy",
     "async_blocking_vs_sync",
+    "async_durable_vs_sync",
     "save_vs_raw_write",
     "load_vs_raw_read",
     "step_overhead",
