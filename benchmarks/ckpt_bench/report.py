@@ -95,7 +95,16 @@ def checkpoint_markdown(result: dict[str, Any]) -> list[str]:
                 f"- world size {ws}: mean step {so['mean_step_s']['none'] * 1e3:.1f} ms without checkpoints, "
                 f"{so['mean_step_s']['async_every_10'] * 1e3:.1f} ms with an async checkpoint every 10 steps "
                 f"({(so['ratio'] - 1) * 100:+.1f}%; {fmt_size(so['state_bytes'])} state, {so['steps_per_mode']} steps each)"
+                + (f"; in process mode {so['mean_step_s']['async_process_every_10'] * 1e3:.1f} ms "
+                   f"({(so['ratio_process'] - 1) * 100:+.1f}%)" if so.get("ratio_process") else "")
             )
+            if so.get("median_step_s_by_position"):
+                pos = so["median_step_s_by_position"]
+                lines.append(
+                    "  - median step by position (ms; the save call is in the last, the steps after it first): "
+                    + "; ".join(f"{k.replace('_every_10', '')} " + " ".join(f"{v * 1e3:.0f}" for v in vals)
+                                for k, vals in pos.items())
+                )
         if rs:
             lines.append(
                 f"- world size {ws}: {rs['saves']} consecutive async saves of {fmt_size(rs['per_rank_state_bytes'])}/rank: "

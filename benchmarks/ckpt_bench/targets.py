@@ -127,11 +127,22 @@ def explain(result: dict[str, Any]) -> None:
             f"read); the rest is DCP's load planning and the exchange of plans, get_state_dict/set_state_dict and "
             f"parsing each tensor's zip header (~700 tensors per rank at 1 GiB; benchmarks/README.md)"
         )
-    so = result["extras"].get(str(ws), {}).get("step_overhead")
-    if not t["step_overhead"]["holds"] and so:
+    overheads = {w: ex["step_overhead"] for w, ex in result["extras"].items() if ex.get("step_overhead")}
+    if not t["step_overhead"]["holds"] and overheads:
+        parts = []
+        for w, so in sorted(overheads.items(), key=lambda kv: int(kv[0])):
+            text = f"world size {w}: thread {so['ratio'] - 1:+.1%}"
+            if so.get("ratio_process"):
+                text += f", process {so['ratio_process'] - 1:+.1%}"
+            pos = so.get("median_step_s_by_position", {})
+            if pos.get("none") and pos.get("async_every_10"):
+                after = [a / n - 1 for a, n in zip(pos["async_every_10"], pos["none"])]
+                text += f" (median step right after the save {after[0]:+.0%}, the next {after[1]:+.0%}, the save call's step {after[9]:+.0%})"
+            parts.append(text)
         why["step_overhead"] = (
-            f"{result['environment']['cpu_count']} CPU cores shared by {ws} training rank(s) and their background "
-            f"writer threads: the write competes with the training compute"
+            f"{result['environment']['cpu_count']} CPU cores shared by the training rank(s) and the background write "
+            f"(in thread mode it also shares the interpreter lock with the training loop: DCP plans and serialises each "
+            f"tensor in Python); {'; '.join(parts)}"
         )
     for k, w in why.items():
         t[k]["why"] = w

@@ -88,38 +88,50 @@ def rss_checks(w) -> None:
 
 @register("step_overhead", family="checks", phase="check", storages=())
 def step_overhead(w) -> None:
-    """The mean step time of a small FSDP2 MLP loop with an async checkpoint every 10 steps vs none
-    (interleaved blocks A B B A), into ``w.extras["step_overhead"]``."""
+    """The mean step time of a small FSDP2 MLP loop with an async checkpoint every 10 steps vs none,
+    in thread mode (the default, the target) and process mode, interleaved in blocks
+    none, thread, process, process, thread, none (no drift bias), into
+    ``w.extras["step_overhead"]``; also the median step time at each position after a save (where
+    the overhead lands: the save call itself, or the steps that run beside its background write)."""
     from prime_ckpt.config import CheckpointConfig
     from prime_ckpt.trainer import Checkpointer, TrainerState
 
     size = w.s.step_size
     model, opt = build_state(size, seed=1)
     state = TrainerState(model, opt)
-    ck = Checkpointer(w.root / "steps", CheckpointConfig(save_async=True, interval=10), timeout_s=w.s.timeout)
-    times: dict[str, list[float]] = {"none": [], "async_every_10": []}
+    modes = ("thread", "process") if w.s.process_mode else ("thread",)  # --no-process: thread mode only
+    cks = {mode: Checkpointer(w.root / f"steps_{mode}", CheckpointConfig(save_async=True, interval=10), async_mode=mode,
+                              timeout_s=w.s.timeout) for mode in modes}
+    names = {"thread": "async_every_10", "process": "async_process_every_10"}
+    times: dict[str, list[float]] = {"none": [], **{names[m]: [] for m in modes}}
+    by_position: dict[str, list[list[float]]] = {k: [[] for _ in range(10)] for k in times}
     step = 0
-    blocks = 4
-    per_block = max(10, w.s.steps // (blocks // 2))
-    for _ in range(3):  # warm-up (and the first save allocates the staging buffers)
+    per_block = max(10, w.s.steps // 2)
+    for _ in range(3):  # warm-up (and the first save allocates the staging buffers / starts the writer process)
         train_step(model, opt, batch=32)
-    ck.save(10_000, state)
-    ck.wait()
-    for b in range(blocks):
-        mode = ("none", "async_every_10")[(b + b // 2) % 2]  # A B B A: no drift bias
+    for ck in cks.values():
+        ck.save(10_000, state)
+        ck.wait()
+    for mode in ("none", *modes, *reversed(modes), "none"):
+        name = names.get(mode, "none")
+        ck = cks.get(mode)
         for i in range(per_block):
             w.barrier()
             t0 = time.perf_counter()
             train_step(model, opt, batch=32)
             step += 1
-            if mode != "none" and (i + 1) % 10 == 0:
+            if ck is not None and (i + 1) % 10 == 0:
                 ck.save(step, state)
-            times[mode].append(w.max_all([time.perf_counter() - t0])[0])
-        ck.flush()  # also rank 0's save record and manifest, before the directory goes
-        if w.rank == 0:
-            shutil.rmtree(ck.layout.output_dir / "checkpoints", ignore_errors=True)
+            dt = w.max_all([time.perf_counter() - t0])[0]
+            times[name].append(dt)
+            by_position[name][i % 10].append(dt)
+        if ck is not None:
+            ck.flush()  # also rank 0's save record and manifest, before the directory goes
+            if w.rank == 0:
+                shutil.rmtree(ck.layout.output_dir / "checkpoints", ignore_errors=True)
         w.barrier()
-    ck.close()
+    for ck in cks.values():
+        ck.close()
     mean = {k: statistics.fmean(v) for k, v in times.items()}
     w.extras["step_overhead"] = {
         "world_size": w.ws,
@@ -127,7 +139,10 @@ def step_overhead(w) -> None:
         "steps_per_mode": len(times["none"]),
         "mean_step_s": mean,
         "median_step_s": {k: statistics.median(v) for k, v in times.items()},
+        # position 9 holds the save call; 0, 1, ... the steps after it
+        "median_step_s_by_position": {k: [statistics.median(p) for p in v] for k, v in by_position.items()},
         "ratio": mean["async_every_10"] / mean["none"],
+        "ratio_process": mean["async_process_every_10"] / mean["none"] if "process" in modes else None,
     }
     w.log(f"step overhead: {w.extras['step_overhead']['ratio']:.3f}x mean step")
     del model, opt
