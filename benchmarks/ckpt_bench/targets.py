@@ -3,6 +3,7 @@ weights targets beside them, and a one-line explanation of each target that does
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 from ckpt_bench import weights_report
@@ -82,13 +83,21 @@ def _durable_vs_sync(records: list[dict], world_sizes: list[int], size: int) -> 
     """(worst ratio, one line with each) of Checkpointer async (thread) durable / Checkpointer
     sync durable at ``size`` over every storage and world size where both were measured."""
     ratios: dict[tuple[str, int], float] = {}
+    paired: dict[tuple[str, int], float] = {}
     for storage in ("local", "s3"):
         for w in sorted(world_sizes):
-            a = median_of(find_record(records, "ckpt_async_thread", w, size, storage), "durable_s")
-            sy = median_of(find_record(records, "ckpt_sync", w, size, storage), "durable_s")
+            ra = find_record(records, "ckpt_async_thread", w, size, storage)
+            rs = find_record(records, "ckpt_sync", w, size, storage)
+            a, sy = median_of(ra, "durable_s"), median_of(rs, "durable_s")
             if a and sy:
                 ratios[(storage, w)] = a / sy
-    each = ", ".join(f"{st} ws{w} {r:.2f}" for (st, w), r in ratios.items())
+                # repetition i of both cases ran in the same round, minutes apart at most: the
+                # median of those ratios is less exposed to the disk's slow spells than a ratio of medians
+                xs, ys = ra.get("samples", {}).get("durable_s", []), rs.get("samples", {}).get("durable_s", [])
+                if xs and len(xs) == len(ys):
+                    paired[(storage, w)] = statistics.median(x / y for x, y in zip(xs, ys))
+    each = ", ".join(f"{st} ws{w} {r:.2f}" + (f" (paired by round: {paired[(st, w)]:.2f})" if (st, w) in paired else "")
+                     for (st, w), r in ratios.items())
     return (max(ratios.values()) if ratios else None), f" ({each})" if each else " (not measured)"
 
 
