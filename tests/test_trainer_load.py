@@ -412,3 +412,32 @@ def test_a_dataloader_or_scheduler_without_state_dict_is_refused_at_construction
         "or None"
     )
     TrainerState(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), dataloader=None)  # accepted
+
+
+def test_a_load_reads_metadata_once_and_plans_without_an_exchange(tmp_path, saved_2_layers, monkeypatch):
+    """Each rank plans its own read (``dcp.load(no_dist=True)``) with the ``.metadata`` it read
+    for the key check: the reader never reads ``.metadata`` again, and the values come back
+    bitwise (before: DCP's coordinator read it a second time and gathered every rank's plan)."""
+    import torch.distributed.checkpoint as dcp
+
+    import prime_ckpt.dcp_io
+    import prime_ckpt.restore
+
+    ck, saved = saved_2_layers
+    reads: list[str] = []
+    real_read = prime_ckpt.restore.read_dcp_metadata
+
+    def counting(path, **kw):
+        reads.append(str(path))
+        return real_read(path, **kw)
+
+    monkeypatch.setattr(prime_ckpt.restore, "read_dcp_metadata", counting)
+    monkeypatch.setattr(prime_ckpt.dcp_io, "read_dcp_metadata", counting)
+    no_dist: list[bool] = []
+    real_load = dcp.load
+    monkeypatch.setattr(dcp, "load", lambda *a, **kw: (no_dist.append(kw.get("no_dist", False)), real_load(*a, **kw))[1])
+    model, opt = _mlp(2, seed=7)
+    ck.load(1, TrainerState(model, opt))
+    assert reads == [str(_step1(tmp_path))] and no_dist == [True]
+    got = _snapshot(model, opt)
+    assert got.keys() == saved.keys() and all(torch.equal(got[k], v) for k, v in saved.items())
