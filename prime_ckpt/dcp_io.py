@@ -84,14 +84,12 @@ def _safe_fsspec_reader() -> type:
     blocks; the direct path reads each tensor's first 4 KiB, its bytes, then its last 4 KiB (the
     zip directory that confirms where the bytes were), in file order, through the file's
     read-ahead cache."""
-    from prime_ckpt.loading import DirectReadMixin
+    from prime_ckpt.loading import DirectReadMixin, with_load_id
 
     base = _fsspec_dcp_class("FsspecReader")
 
     class SafeFsspecReader(DirectReadMixin, base):  # type: ignore[misc, valid-type]
         def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-            from torch.distributed.checkpoint.metadata import StorageMeta
-
             where = str(self.fs.concat_path(self.path, DCP_METADATA_FILE))
             try:
                 data = self.fs.fs.cat_file(where)
@@ -99,11 +97,7 @@ def _safe_fsspec_reader() -> type:
                 data = None
             except Exception as e:
                 _raise_metadata_error(f"{where}: cannot read ({one_line(e)})")
-            metadata = decode_dcp_metadata(data, where)
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
+            return with_load_id(decode_dcp_metadata(data, where), self.load_id)
 
     return SafeFsspecReader
 
@@ -172,13 +166,9 @@ def _torch_loaders() -> dict[str, type]:
         """DCP's ``FileSystemReader`` with ``.metadata`` read through :func:`read_dcp_metadata`."""
 
         def read_metadata(self, *args: Any, **kwargs: Any) -> TorchMetadata:
-            from torch.distributed.checkpoint.metadata import StorageMeta
+            from prime_ckpt.loading import with_load_id
 
-            metadata = read_dcp_metadata(Path(str(self.path)), torch_free=False)
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
+            return with_load_id(read_dcp_metadata(Path(str(self.path)), torch_free=False), self.load_id)
 
     class SafeLoadPlanner(dcp.DefaultLoadPlanner):
         """DCP's ``DefaultLoadPlanner`` that reads non-tensor values with :func:`load_value`.

@@ -46,6 +46,16 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from prime_ckpt.tensor_blob import _byte_range, _confirm_guess, _FileView, _guess_data_start, _locate, _Rebuilt
 
 
+def with_load_id(metadata, load_id):
+    """``metadata`` (torch's DCP ``Metadata``) stamped with this load's ``load_id``, as DCP's
+    readers return it from ``read_metadata`` (a ``StorageMeta`` is added if it has none)."""
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    if getattr(metadata, "storage_meta", None) is None:
+        metadata.storage_meta = StorageMeta()
+    metadata.storage_meta.load_id = load_id
+    return metadata
+
 class _PreadFile:
     """A read-only file handle over a shared descriptor with its own position, for one reader
     thread: ``os.pread`` / ``os.preadv`` never move the descriptor's offset, so threads sharing
@@ -122,6 +132,13 @@ class DirectReadMixin:
 
     direct_items = 0
     fallback_items = 0
+    #: Reader threads per local file (per rank). Measured on this project's 2-core VM, cold page
+    #: cache, 512 MiB per rank on 2 ranks: 4 concurrent sequential streams read a file in
+    #: 0.28-0.49 s, one stream in 0.54-1.05 s (the virtual disk serves a deeper queue faster);
+    #: in a whole load (1 GiB on 2 ranks) 8 threads gave 0.66-1.13 s, 4 gave 0.67-1.48 s, 1 gave 0.81-1.72 s.
+    #: Remote (fsspec) streams are read by one thread.
+    read_threads = 8
+
     #: DCP metadata already read (torch's ``Metadata``): :meth:`read_metadata` returns it instead
     #: of reading ``.metadata`` again (a load that planned on it; None reads it)
     preloaded_metadata = None
@@ -130,18 +147,7 @@ class DirectReadMixin:
         metadata = self.preloaded_metadata
         if metadata is None:
             return super().read_metadata(*args, **kwargs)
-        from torch.distributed.checkpoint.metadata import StorageMeta
-
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-    #: Reader threads per local file (per rank). Measured on this project's 2-core VM, cold page
-    #: cache, 512 MiB per rank on 2 ranks: 4 concurrent sequential streams read a file in
-    #: 0.28-0.49 s, one stream in 0.54-1.05 s (the virtual disk serves a deeper queue faster);
-    #: in a whole load (1 GiB on 2 ranks) 8 threads gave 0.66-1.13 s, 4 gave 0.67-1.48 s, 1 gave 0.81-1.72 s.
-    #: Remote (fsspec) streams are read by one thread.
-    read_threads = 8
+        return with_load_id(metadata, self.load_id)
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner):  # noqa: D102 (DCP's signature)
         per_file: dict[str, list[ReadItem]] = {}
