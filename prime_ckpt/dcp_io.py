@@ -47,13 +47,15 @@ def dcp_writer(trainer_dir: AnyPath | str, storage_options: dict[str, Any] | Non
     Remote: DCP's ``FsspecWriter`` with the path's storage options; ``sync_files`` is off (an
     uploaded object is durable once its upload returns; DCP's fsync fallback would ``os.sync()``
     the local machine instead), ``.metadata`` is still written last, by the coordinator.
+    Either way tensors are stored without the zip CRC-32 nobody checks
+    (:class:`prime_ckpt.writing.DirectWriteMixin`; same files, DCP's reader reads them).
     """
+    from prime_ckpt.writing import DirectFileSystemWriter, DirectFsspecWriter
+
     path = to_path(trainer_dir, storage_options)
     if not is_remote(path):
-        from torch.distributed.checkpoint import FileSystemWriter
-
-        return FileSystemWriter(str(path), thread_count=thread_count)
-    return _fsspec_dcp_class("FsspecWriter")(str(path), sync_files=False, thread_count=thread_count, **storage_options_of(path))
+        return DirectFileSystemWriter(str(path), thread_count=thread_count)
+    return DirectFsspecWriter(str(path), sync_files=False, thread_count=thread_count, **storage_options_of(path))
 
 
 def dcp_reader(trainer_dir: AnyPath | str, storage_options: dict[str, Any] | None = None):

@@ -8,11 +8,11 @@ from concurrent.futures import Future
 import pytest
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint import FileSystemWriter
 
 from prime_ckpt.config import CheckpointConfig
 from prime_ckpt.layout import scan_checkpoints
 from prime_ckpt.trainer import Checkpointer, CheckpointSaveError, SaveRecord, TrainerState
+from prime_ckpt.writing import DirectFileSystemWriter as FileSystemWriter  # the writer a save uses
 
 
 @pytest.fixture

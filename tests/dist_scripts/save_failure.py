@@ -10,11 +10,11 @@ import sys
 import torch
 import torch.distributed as dist
 from _common import build, full_state, init
-from torch.distributed.checkpoint import FileSystemWriter
 
 from prime_ckpt.config import CheckpointConfig
 from prime_ckpt.layout import scan_checkpoints
 from prime_ckpt.trainer import Checkpointer, CheckpointSaveError, Progress, TrainerState
+from prime_ckpt.writing import DirectFileSystemWriter as FileSystemWriter  # the writer a save uses
 
 
 def main() -> None:

@@ -1,0 +1,191 @@
+"""A lean write path for DCP saves: the same ``.distcp`` files, without the zip CRC-32.
+
+DCP's ``FileSystemWriter`` stores every tensor as a small ``torch.save`` zip inside the rank's
+``.distcp`` file, and ``torch.save`` computes a CRC-32 over every byte it writes (about 0.25 s
+of one core per GiB on this CPU box, with the interpreter lock held, so in thread mode it also
+slows the training loop). Nothing ever checks that CRC in a DCP checkpoint: ``torch.load``
+does not verify it (torch's own note on ``torch.serialization.set_crc32_options``), the
+``.distcp`` file is not a zip archive a zip tool would open, and prime-ckpt's integrity record
+is the step's ``manifest.json`` (a hash of every file). :class:`DirectWriteMixin` writes the
+same blobs (same pickle, same records, same alignment, crc field 0) through torch's zip writer
+with the CRC switched off for that writer only: torch's process-wide setting is never touched,
+so a ``torch.save`` the training loop makes meanwhile keeps its CRC.
+
+Everything else is DCP's contract, unchanged: one file ``__<rank>_<n>.distcp`` per writer thread
+(``thread_count``), non-tensor values first, then tensors largest first; each tensor stored with
+exactly its own bytes (a view of a larger storage is cloned first, as DCP does); files fsync'd
+when ``sync_files``; a :class:`~torch.distributed.checkpoint.storage.WriteResult` per item whose
+``_StorageInfo`` says where it is. DCP's reader and :mod:`prime_ckpt.loading` read the files
+(``tests/test_writing.py``: bitwise equality through both, crc fields 0).
+
+DCP's own path is kept whenever this one would not be the same thing: a writer with stream
+transforms (extensions) or safetensors serialization, one file per item
+(``single_file_per_rank=False``), a tensor not on the CPU (a sync save on a GPU: DCP overlaps
+the device-to-host copies with the write), or a torch whose zip writer lacks the CRC switch.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
+
+#: the suffix of DCP's data files
+DISTCP_SUFFIX = ".distcp"
+
+
+def _item_bytes(item: WriteItem) -> int:
+    """Bytes of a tensor write item (its chunk's numel x element size); 0 for a value."""
+    if item.type == WriteItemType.BYTE_IO or item.tensor_data is None:
+        return 0
+    n = 1
+    for s in item.tensor_data.size:
+        n *= s
+    return n * item.tensor_data.properties.dtype.itemsize
+
+
+def split_into_files(items: Sequence[WriteItem], files: int) -> list[list[WriteItem]]:
+    """``items`` split into ``files`` lists (one per writer thread and file): values first, dealt
+    in turn; then tensors, largest first, each into the list with the fewest bytes so far (the
+    greedy bound: no file exceeds the average by more than the largest tensor).
+
+    Raises:
+        ValueError: ``files`` < 1.
+    """
+    if files < 1:
+        raise ValueError(f"files must be >= 1, got {files}")
+    out: list[list[WriteItem]] = [[] for _ in range(files)]
+    sizes = [0] * files
+    values = [it for it in items if it.type == WriteItemType.BYTE_IO]
+    tensors = sorted((it for it in items if it.type != WriteItemType.BYTE_IO), key=_item_bytes, reverse=True)
+    for i, it in enumerate(values):
+        out[i % files].append(it)
+    for it in tensors:
+        k = sizes.index(min(sizes))
+        out[k].append(it)
+        sizes[k] += _item_bytes(it)
+    return out
+
+
+def _no_crc_writer_available() -> bool:
+    """True if this torch's zip writer takes the CRC switch (``PyTorchFileWriter(buffer,
+    compute_crc32, storage_alignment)``, torch >= 2.6) and ``torch.serialization._save``."""
+    try:
+        w = torch._C.PyTorchFileWriter(io.BytesIO(), False, torch.serialization._get_storage_alignment())
+        w.write_end_of_file()
+    except (AttributeError, TypeError, RuntimeError):
+        return False
+    return callable(getattr(torch.serialization, "_save", None))
+
+
+_NO_CRC = _no_crc_writer_available()
+
+
+def save_tensor_blob(tensor: torch.Tensor, stream: Any) -> None:
+    """Append ``tensor`` to ``stream`` as one ``torch.save`` zip (the blob DCP stores per tensor)
+    without computing its records' CRC-32 (crc fields 0); ``torch.load`` reads it unchanged.
+
+    ``tensor`` must own exactly its bytes (a view of a larger storage would store the whole
+    storage, as ``torch.save`` does). Falls back to ``torch.save`` where the switch is missing."""
+    if not _NO_CRC:
+        torch.save(tensor, stream)
+        return
+    zip_writer = torch._C.PyTorchFileWriter(stream, False, torch.serialization._get_storage_alignment())
+    torch.serialization._save(tensor, zip_writer, pickle, torch.serialization.DEFAULT_PROTOCOL, False)
+    zip_writer.write_end_of_file()
+
+
+class DirectWriteMixin:
+    """Mixed in before DCP's ``FileSystemWriter`` / ``FsspecWriter``: :meth:`write_data` writes
+    each file of the rank's plan with :func:`save_tensor_blob` (no CRC), ``thread_count`` files
+    in parallel, or hands the plan to DCP's own ``write_data`` (see the module docstring)."""
+
+    def _direct_ok(self) -> bool:
+        from torch.distributed.checkpoint.filesystem import SerializationFormat
+
+        transforms = getattr(self, "transforms", None)
+        extensions = getattr(transforms, "extensions", None) or getattr(transforms, "_extensions", None)
+        return (
+            _NO_CRC
+            and getattr(self, "single_file_per_rank", True)
+            and getattr(self, "serialization_format", SerializationFormat.TORCH_SAVE) == SerializationFormat.TORCH_SAVE
+            and not extensions
+        )
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> torch.futures.Future:
+        """Write this rank's items (DCP's ``StorageWriter.write_data``); the future holds one
+        ``WriteResult`` per item. Raises what the first failing file raised (``OSError`` ...)."""
+        if not self._direct_ok():
+            return super().write_data(plan, planner)  # type: ignore[misc]
+        data = {id(it): planner.resolve_data(it) for it in plan.items}
+        if any(isinstance(d, torch.Tensor) and not d.is_cpu for d in data.values()):
+            return super().write_data(plan, planner)  # type: ignore[misc]
+        prefix = plan.storage_data.prefix
+        files = [(f"{prefix}{n}{DISTCP_SUFFIX}", items)
+                 for n, items in enumerate(split_into_files(plan.items, self.thread_count)) if items or n == 0]
+
+        def write_file(name: str, items: list[WriteItem]) -> list[Any]:
+            return self._write_file(name, items, data)
+
+        if len(files) == 1:
+            results = write_file(*files[0])
+        else:
+            with ThreadPoolExecutor(len(files), thread_name_prefix="prime-ckpt-write") as pool:
+                results = [r for rs in pool.map(lambda f: write_file(*f), files) for r in rs]
+        fut: torch.futures.Future = torch.futures.Future()
+        fut.set_result(results)
+        return fut
+
+    def _write_file(self, name: str, items: list[WriteItem], data: dict[int, Any]) -> list[Any]:
+        from torch.distributed.checkpoint.filesystem import _StorageInfo
+        from torch.distributed.checkpoint.storage import WriteResult
+
+        results = []
+        with self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as stream:
+            for it in items:
+                value = data[id(it)]
+                offset = stream.tell()
+                if it.type == WriteItemType.BYTE_IO:
+                    stream.write(value.getbuffer())
+                else:
+                    t = value.detach()
+                    if t.untyped_storage().nbytes() != t.nbytes:
+                        t = t.clone()  # store exactly the tensor's bytes, not its whole storage
+                    save_tensor_blob(t, stream)
+                length = stream.tell() - offset
+                results.append(WriteResult(index=it.index, size_in_bytes=length,
+                                           storage_data=_StorageInfo(relative_path=name, offset=offset, length=length)))
+            stream.flush()
+            if self.sync_files:
+                try:
+                    os.fsync(stream.fileno())
+                except (AttributeError, io.UnsupportedOperation):
+                    os.sync()
+        return results
+
+
+# The writers dcp_io.dcp_writer hands to DCP: module-level classes, so a process-mode async save
+# can pickle them into its writer process.
+from torch.distributed.checkpoint import FileSystemWriter  # noqa: E402
+
+
+class DirectFileSystemWriter(DirectWriteMixin, FileSystemWriter):
+    """DCP's ``FileSystemWriter`` with :class:`DirectWriteMixin`'s write path (local paths)."""
+
+
+def _fsspec_writer_base() -> type:
+    try:
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+    except ImportError:
+        from torch.distributed.checkpoint import FsspecWriter
+    return FsspecWriter
+
+
+class DirectFsspecWriter(DirectWriteMixin, _fsspec_writer_base()):  # type: ignore[misc]
+    """DCP's ``FsspecWriter`` with :class:`DirectWriteMixin`'s write path (remote paths)."""

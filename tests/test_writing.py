@@ -1,0 +1,148 @@
+"""The lean write path (prime_ckpt.writing): the same DCP files, read bitwise by DCP's own reader
+and by ours, written without the zip CRC-32 and without touching torch's process-wide setting;
+DCP's path wherever the lean one would not be the same thing."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+from torch.distributed.checkpoint.planner import WriteItemType
+
+from prime_ckpt.dcp_io import dcp_reader, dcp_writer
+from prime_ckpt.writing import DirectFileSystemWriter, _item_bytes, save_tensor_blob, split_into_files
+
+
+def _state() -> dict:
+    g = torch.Generator().manual_seed(1)
+    big = torch.randn(64, 16, generator=g)
+    return {
+        "f32": torch.randn(33, 7, generator=g),
+        "bf16": torch.randn(5, 3, generator=g).to(torch.bfloat16),
+        "i64": torch.randint(-(2**40), 2**40, (6, 2), generator=g),
+        "bool": torch.rand(9, generator=g) > 0.5,
+        "scalar": torch.tensor(3.25),
+        "empty": torch.zeros(0, 4),
+        "view": big[10:20],  # a view of a larger storage: only its own bytes are stored
+        "transposed": torch.randn(6, 4, generator=g).t(),
+        "nested": {"u8": torch.randint(0, 255, (3, 3), generator=g, dtype=torch.uint8), "lr": 0.5},
+        "step": 7,
+    }
+
+
+def _blank(sd):
+    return {k: _blank(v) if isinstance(v, dict) else (torch.zeros_like(v) if torch.is_tensor(v) else None)
+            for k, v in sd.items()}
+
+
+def _assert_same(a, b):
+    for k, v in a.items():
+        if isinstance(v, dict):
+            _assert_same(v, b[k])
+        elif torch.is_tensor(v):
+            assert b[k].dtype == v.dtype and b[k].shape == v.shape, k
+            assert torch.equal(b[k].reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)), k  # bitwise
+        else:
+            assert b[k] == v, k
+
+
+def _tensor_blobs(path):
+    """{fqn: the bytes of its stored torch.save zip} of a single-rank DCP checkpoint."""
+    md = FileSystemReader(path).read_metadata()
+    out = {}
+    for idx, info in md.storage_data.items():
+        if isinstance(md.state_dict_metadata[idx.fqn], BytesStorageMetadata):
+            continue
+        with open(path / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            out[idx.fqn] = f.read(info.length)
+    return out
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_direct_write_reads_back_bitwise_through_dcp_and_ours(tmp_path, threads):
+    sd = _state()
+    dcp.save(sd, storage_writer=dcp_writer(tmp_path, thread_count=threads), no_dist=True)
+    assert sorted(p.name for p in tmp_path.glob("*.distcp")) == [f"__0_{n}.distcp" for n in range(threads)]
+    for reader in (FileSystemReader(tmp_path), dcp_reader(tmp_path)):
+        out = _blank(sd)
+        dcp.load(out, storage_reader=reader, no_dist=True)
+        _assert_same(sd, out)
+    # each tensor is stored with exactly its own bytes, as DCP's writer stores it
+    assert torch.load(io.BytesIO(_tensor_blobs(tmp_path)["view"]), weights_only=True).untyped_storage().nbytes() == 10 * 16 * 4
+
+
+def test_the_stored_blobs_skip_the_crc_and_the_process_setting_is_untouched(tmp_path):
+    sd = _state()
+    assert torch.serialization.get_crc32_options()
+    dcp.save(sd, storage_writer=dcp_writer(tmp_path / "ours"), no_dist=True)
+    dcp.save(sd, storage_writer=FileSystemWriter(tmp_path / "dcp"), no_dist=True)
+    assert torch.serialization.get_crc32_options()  # a torch.save elsewhere keeps its CRC
+
+    def crcs(blob: bytes) -> list[int]:
+        return [i.CRC for i in zipfile.ZipFile(io.BytesIO(blob)).infolist() if i.file_size]
+
+    ours, theirs = _tensor_blobs(tmp_path / "ours"), _tensor_blobs(tmp_path / "dcp")
+    assert ours.keys() == theirs.keys() and len(ours) == 9
+    for fqn in ours:
+        assert set(crcs(ours[fqn])) == {0}, fqn
+        assert any(crcs(theirs[fqn])), fqn  # DCP's writer computes it
+        # the same records otherwise: same names, sizes and data
+        a, b = zipfile.ZipFile(io.BytesIO(ours[fqn])), zipfile.ZipFile(io.BytesIO(theirs[fqn]))
+        assert [(i.filename.split("/", 1)[1], i.file_size) for i in a.infolist()] == \
+            [(i.filename.split("/", 1)[1], i.file_size) for i in b.infolist()]
+
+
+def test_one_blob_loads_with_torch_load():
+    t = torch.arange(1000, dtype=torch.float64).reshape(10, 100)
+    buf = io.BytesIO()
+    save_tensor_blob(t, buf)
+    back = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    assert torch.equal(back, t) and back.dtype == t.dtype
+
+
+def test_dcp_own_path_is_kept_for_one_file_per_item(tmp_path):
+    sd = {"a": torch.randn(4), "b": torch.randn(3)}
+    dcp.save(sd, storage_writer=DirectFileSystemWriter(tmp_path, single_file_per_rank=False), no_dist=True)
+    blobs = _tensor_blobs(tmp_path)
+    assert all(i.CRC for blob in blobs.values() for i in zipfile.ZipFile(io.BytesIO(blob)).infolist() if i.file_size)
+    out = _blank(sd)
+    dcp.load(out, storage_reader=FileSystemReader(tmp_path), no_dist=True)
+    _assert_same(sd, out)
+
+
+def _plan_items(sd):
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    planner = DefaultSavePlanner()
+    planner.set_up_planner(sd, is_coordinator=True)
+    return planner.create_local_plan().items
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(1, 5000), min_size=0, max_size=30), values=st.integers(0, 5), files=st.integers(1, 4))
+def test_split_into_files_places_each_item_once_and_balances_bytes(sizes, values, files):
+    sd = {f"t{i}": torch.empty(n, dtype=torch.uint8) for i, n in enumerate(sizes)}
+    sd.update({f"v{i}": i for i in range(values)})
+    items = _plan_items(sd)
+    out = split_into_files(items, files)
+    assert len(out) == files
+    flat = [it for f in out for it in f]
+    assert sorted(it.index.fqn for it in flat) == sorted(it.index.fqn for it in items)
+    for f in out:  # values first in each file
+        kinds = [it.type == WriteItemType.BYTE_IO for it in f]
+        assert kinds == sorted(kinds, reverse=True)
+    loads = [sum(_item_bytes(it) for it in f) for f in out]
+    assert max(loads) <= sum(sizes) / files + max(sizes, default=0)
+
+
+def test_split_into_files_refuses_zero_files():
+    with pytest.raises(ValueError, match="files must be >= 1"):
+        split_into_files([], 0)
