@@ -84,6 +84,13 @@ def test_quick_benchmark_writes_results_with_schema(tmp_path):
     assert 0 <= rss["drift_train_only"] < 1 and 0 <= rss["drift_train_and_save"] < 1
     assert rss["rss_before_bytes"] == max(rss["rss_train_only_bytes"])
 
+    # the step-overhead check measures its floor beside the checkpoint: the same bytes written +
+    # fsync'd by a plain thread instead of a checkpoint, and says so in the markdown
+    so = result["extras"]["1"]["step_overhead"]
+    assert set(so["mean_step_s"]) == {"none", "async_every_10", "raw_write_every_10"}
+    assert so["ratio_raw_write"] == so["mean_step_s"]["raw_write_every_10"] / so["mean_step_s"]["none"]
+    assert "the floor, the same bytes written + fsync'd" in (tmp_path / "smoke.md").read_text()
+
     # --merge: the same launch relabelled as world size 2, merged with the original, gives both
     # world sizes side by side, and the targets of the reference (largest) world size, which
     # are this launch's own; a world size in two files is refused with a one-line error

@@ -97,6 +97,9 @@ def checkpoint_markdown(result: dict[str, Any]) -> list[str]:
                 f"({(so['ratio'] - 1) * 100:+.1f}%; {fmt_size(so['state_bytes'])} state, {so['steps_per_mode']} steps each)"
                 + (f"; in process mode {so['mean_step_s']['async_process_every_10'] * 1e3:.1f} ms "
                    f"({(so['ratio_process'] - 1) * 100:+.1f}%)" if so.get("ratio_process") else "")
+                + (f"; the floor, the same bytes written + fsync'd in a background thread instead of a checkpoint: "
+                   f"{so['mean_step_s']['raw_write_every_10'] * 1e3:.1f} ms ({(so['ratio_raw_write'] - 1) * 100:+.1f}%)"
+                   if so.get("ratio_raw_write") else "")
             )
             if so.get("median_step_s_by_position"):
                 pos = so["median_step_s_by_position"]
