@@ -187,9 +187,9 @@ def _locate(f, offset: int, length: int, view: _FileView | None = None) -> tuple
     infos = {i.filename[len(archive) :]: i for i in z.infolist() if i.filename.startswith(archive)}
     if "data.pkl" not in infos or infos.get("byteorder") is None:
         raise _NotDirect("not a torch.save zip")
-    if z.read(infos["byteorder"]).strip() != b"little":
+    if _stored_bytes(view, infos["byteorder"], length).strip() != b"little":
         raise _NotDirect("big-endian data")
-    desc = _TensorPickleReader(io.BytesIO(z.read(infos["data.pkl"]))).load()
+    desc = _TensorPickleReader(io.BytesIO(_stored_bytes(view, infos["data.pkl"], length))).load()
     if not isinstance(desc, _Rebuilt):
         raise _NotDirect("not a single tensor")
     data = infos.get(f"data/{desc.storage.key}")
@@ -197,15 +197,42 @@ def _locate(f, offset: int, length: int, view: _FileView | None = None) -> tuple
         raise _NotDirect("storage missing or compressed")
     if data.file_size != desc.storage.numel * desc.storage.dtype.itemsize:
         raise _NotDirect("storage size mismatch")
-    view.seek(data.header_offset)
-    header = io.BufferedReader(view).read(30)  # buffered: the raw view may return short reads
-    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+    return desc, offset + _entry_start(view, data, length)
+
+
+def _entry_start(view: _FileView, info: zipfile.ZipInfo, length: int) -> int:
+    """Where a stored zip entry's bytes start in the blob (``length`` bytes), from its local
+    header; raises :class:`_NotDirect` for a bad header or an entry running past the blob."""
+    header = _window_bytes(view, info.header_offset, 30)
+    if header is None or header[:4] != b"PK\x03\x04":
         raise _NotDirect("bad local header")
     name_len, extra_len = struct.unpack("<HH", bytes(header[26:30]))
-    start = data.header_offset + 30 + name_len + extra_len
-    if start + data.file_size > length:
-        raise _NotDirect("storage runs past the blob")
-    return desc, offset + start
+    start = info.header_offset + 30 + name_len + extra_len
+    if start + info.file_size > length:
+        raise _NotDirect("entry runs past the blob")
+    return start
+
+
+def _stored_bytes(view: _FileView, info: zipfile.ZipInfo, length: int) -> bytes:
+    """The bytes of a small stored (uncompressed, unencrypted) zip entry, read from where its
+    local header says, not with :meth:`zipfile.ZipFile.read`: that checks the entry's CRC-32,
+    which blobs written by :mod:`prime_ckpt.writing` leave at 0 (nothing else checks it)."""
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1 or info.compress_size != info.file_size:
+        raise _NotDirect("compressed or encrypted entry")
+    data = _window_bytes(view, _entry_start(view, info, length), info.file_size)
+    if data is None:
+        raise _NotDirect("short entry")
+    return data
+
+
+def _window_bytes(view: _FileView, pos: int, n: int) -> bytes | None:
+    """Bytes ``[pos, pos + n)`` of the window (from its cached head/tail, else one read), or
+    None if fewer are there. Not through an ``io.BufferedReader`` over ``view``: one that is
+    garbage-collected closes the view under the zip parser still reading it."""
+    data = view.cached(pos, n)
+    if data is None:
+        data = view._pread(pos, n) if pos >= 0 and pos + n <= view._length else b""
+    return bytes(data) if len(data) == n else None
 
 
 def _guess_data_start(head: bytes) -> tuple[_Rebuilt, int] | None:

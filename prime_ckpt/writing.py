@@ -12,7 +12,9 @@ with the CRC switched off for that writer only: torch's process-wide setting is 
 so a ``torch.save`` the training loop makes meanwhile keeps its CRC.
 
 Everything else is DCP's contract, unchanged: one file ``__<rank>_<n>.distcp`` per writer thread
-(``thread_count``), non-tensor values first, then tensors largest first; each tensor stored with
+(``thread_count``), non-tensor values first, then tensors largest first; each item resolved by the
+planner just before it is written (a planner that copies holds one copy at a time, plus the first
+tensor, resolved early to see where the tensors live); each tensor stored with
 exactly its own bytes (a view of a larger storage is cloned first, as DCP does); files fsync'd
 when ``sync_files``; a :class:`~torch.distributed.checkpoint.storage.WriteResult` per item whose
 ``_StorageInfo`` says where it is. DCP's reader and :mod:`prime_ckpt.loading` read the files
@@ -26,6 +28,7 @@ the device-to-host copies with the write), or a torch whose zip writer lacks the
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
@@ -101,7 +104,14 @@ def save_tensor_blob(tensor: torch.Tensor, stream: Any, alignment: int | None = 
     if alignment is None:
         alignment = torch.serialization._get_storage_alignment()
     zip_writer = torch._C.PyTorchFileWriter(stream, False, alignment)
-    torch.serialization._save(tensor, zip_writer, pickle, torch.serialization.DEFAULT_PROTOCOL, False)
+    try:
+        torch.serialization._save(tensor, zip_writer, pickle, torch.serialization.DEFAULT_PROTOCOL, False)
+    except BaseException:
+        # finish the writer here, quietly: left unfinished, its C++ destructor finishes it later,
+        # writes into the failed stream and throws from a destructor, which aborts the process
+        with contextlib.suppress(Exception):
+            zip_writer.write_end_of_file()
+        raise
     zip_writer.write_end_of_file()
 
 
@@ -127,15 +137,24 @@ class DirectWriteMixin:
         ``WriteResult`` per item. Raises what the first failing file raised (``OSError`` ...)."""
         if not self._direct_ok():
             return super().write_data(plan, planner)  # type: ignore[misc]
-        data = {id(it): planner.resolve_data(it) for it in plan.items}
-        if any(isinstance(d, torch.Tensor) and not d.is_cpu for d in data.values()):
-            return super().write_data(plan, planner)  # type: ignore[misc]
+        # Where the tensors live, from the first one (a staged async save: all on the CPU; a
+        # sync save from a GPU: all on the GPU, and DCP overlaps their copies with the write).
+        # Each item is resolved once, just before it is written, as DCP does: a planner that
+        # copies in resolve_data (e.g. a dtype cast) holds one copy at a time, not all of them.
+        first = next((it for it in plan.items if it.type != WriteItemType.BYTE_IO), None)
+        resolved: dict[int, Any] = {}
+        if first is not None:
+            t = planner.resolve_data(first)
+            if not t.is_cpu:
+                del t
+                return super().write_data(plan, planner)  # type: ignore[misc]
+            resolved[id(first)] = t
         prefix = plan.storage_data.prefix
-        files = [(f"{prefix}{n}{DISTCP_SUFFIX}", items)
-                 for n, items in enumerate(split_into_files(plan.items, self.thread_count)) if items or n == 0]
+        # every thread's file, an empty one too (as DCP does: an older file of that name is truncated)
+        files = [(f"{prefix}{n}{DISTCP_SUFFIX}", items) for n, items in enumerate(split_into_files(plan.items, self.thread_count))]
 
         def write_file(name: str, items: list[WriteItem]) -> list[Any]:
-            return self._write_file(name, items, data)
+            return self._write_file(name, items, planner, resolved)
 
         if len(files) == 1:
             results = write_file(*files[0])
@@ -146,7 +165,7 @@ class DirectWriteMixin:
         fut.set_result(results)
         return fut
 
-    def _write_file(self, name: str, items: list[WriteItem], data: dict[int, Any]) -> list[Any]:
+    def _write_file(self, name: str, items: list[WriteItem], planner: SavePlanner, resolved: dict[int, Any]) -> list[Any]:
         from torch.distributed.checkpoint.filesystem import _StorageInfo
         from torch.distributed.checkpoint.storage import WriteResult
 
@@ -154,15 +173,19 @@ class DirectWriteMixin:
         alignment = torch.serialization._get_storage_alignment() if _NO_CRC else None
         with self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as stream:
             for it in items:
-                value = data[id(it)]
+                value = resolved.pop(id(it), None)
+                if value is None:
+                    value = planner.resolve_data(it)
                 offset = stream.tell()
                 if it.type == WriteItemType.BYTE_IO:
                     stream.write(value.getbuffer())
                 else:
-                    t = value.detach()
+                    t = value.detach().cpu()  # a no-op for CPU tensors (a mixed state dict: one copy at a time)
                     if t.untyped_storage().nbytes() != t.nbytes:
                         t = t.clone()  # store exactly the tensor's bytes, not its whole storage
                     save_tensor_blob(t, stream, alignment)
+                    del t
+                del value  # one resolved item alive at a time
                 length = stream.tell() - offset
                 results.append(WriteResult(index=it.index, size_in_bytes=length,
                                            storage_data=_StorageInfo(relative_path=name, offset=offset, length=length)))

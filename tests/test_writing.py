@@ -5,6 +5,9 @@ DCP's path wherever the lean one would not be the same thing."""
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+import weakref
 import zipfile
 
 import pytest
@@ -18,6 +21,7 @@ from torch.distributed.checkpoint.planner import WriteItemType
 
 from prime_ckpt.dcp_io import dcp_reader, dcp_writer
 from prime_ckpt.writing import DirectFileSystemWriter, _item_bytes, save_tensor_blob, split_into_files
+from tests.conftest import ROOT
 
 
 def _state() -> dict:
@@ -146,3 +150,79 @@ def test_split_into_files_places_each_item_once_and_balances_bytes(sizes, values
 def test_split_into_files_refuses_zero_files():
     with pytest.raises(ValueError, match="files must be >= 1"):
         split_into_files([], 0)
+
+
+def test_a_failing_write_raises_and_leaves_the_process_alive(tmp_path):
+    """A write error inside a blob (disk full, an S3 part upload) raises; the unfinished zip
+    writer must not abort the process later, when it is garbage-collected."""
+    script = tmp_path / "disk_full.py"
+    script.write_text(
+        "import errno, gc, io, torch\n"
+        "from prime_ckpt.writing import save_tensor_blob\n"
+        "class DiskFull(io.BytesIO):\n"
+        "    def write(self, b):\n"
+        "        if self.tell() + len(memoryview(b)) > 1000:\n"
+        "            raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "        return super().write(b)\n"
+        "try:\n"
+        "    save_tensor_blob(torch.ones(1000), DiskFull())\n"
+        "except OSError as e:\n"
+        "    print('raised', e.errno)\n"
+        "gc.collect()\n"
+        "print('alive')\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["raised", "28", "alive"]
+
+
+def test_each_item_is_resolved_once_and_one_copy_at_a_time(tmp_path):
+    """DCP's SavePlanner contract: resolve_data may allocate (e.g. a dtype cast), so a writer
+    resolves each item when it writes it; at most the first tensor (resolved early to see where
+    the tensors live) is held beside the one being written."""
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    live, peak, calls = [0], [0], []
+
+    class HalfPlanner(DefaultSavePlanner):
+        def create_local_plan(self):
+            plan = super().create_local_plan()
+            for it in plan.items:
+                if it.tensor_data is not None:
+                    it.tensor_data.properties.dtype = torch.float16
+            return plan
+
+        def resolve_data(self, item):
+            calls.append(item.index.fqn)
+            value = super().resolve_data(item)
+            if item.type == WriteItemType.BYTE_IO:
+                return value
+            out = value.to(torch.float16)
+            live[0] += out.nbytes
+            peak[0] = max(peak[0], live[0])
+            weakref.finalize(out, lambda n=out.nbytes: live.__setitem__(0, live[0] - n))
+            return out
+
+    sd = {f"t{i}": torch.randn(64, 64) for i in range(12)} | {"step": 3}
+    dcp.save(sd, storage_writer=dcp_writer(tmp_path), planner=HalfPlanner(), no_dist=True)
+    assert sorted(calls) == sorted(sd)
+    assert peak[0] <= 2 * 64 * 64 * 2
+    out = {k: torch.zeros(64, 64, dtype=torch.float16) for k in sd if k != "step"} | {"step": None}
+    dcp.load(out, storage_reader=FileSystemReader(tmp_path), no_dist=True)
+    assert all(torch.equal(out[k], sd[k].half()) for k in sd if k != "step") and out["step"] == 3
+
+
+def test_a_blob_the_quick_check_cannot_confirm_is_still_read_directly(tmp_path):
+    """When the data does not start within the blob's first 4 KiB (here: a larger storage
+    alignment; in practice zip64 shards of 4 GiB and more) the reader parses the blob's zip
+    directory; it must not rely on zipfile's read, which rejects the CRC-less records."""
+    from torch.utils.serialization import config
+
+    sd = {"w": torch.arange(4096, dtype=torch.float32)}
+    with config.patch({"save.storage_alignment": 8192}):
+        dcp.save(sd, storage_writer=dcp_writer(tmp_path), no_dist=True)
+    reader = dcp_reader(tmp_path)
+    out = {"w": torch.zeros(4096)}
+    dcp.load(out, storage_reader=reader, no_dist=True)
+    assert torch.equal(out["w"], sd["w"])
+    assert (reader.direct_items, reader.fallback_items) == (1, 0)
