@@ -9,7 +9,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
-from prime_ckpt.layout import SAVE_INFO_FILE, RunLayout, scan_inventory
+from prime_ckpt.layout import SAVE_INFO_FILE, TRAINER_PART, RunLayout, scan_inventory
 from prime_ckpt.manifest import write_manifest
 from prime_ckpt.retention import Plan, RetentionPolicy, apply_plan, plan, with_consumer_ack
 from prime_ckpt.save_record import SaveRecord
@@ -91,7 +91,8 @@ class PostCommit:
         try:
             record.total_bytes = tree_size(self.layout.trainer_dir(record.step))
             atomic_write_bytes(step_dir / SAVE_INFO_FILE, json.dumps(asdict(record), indent=2).encode())
-            write_manifest(step_dir)
+            # the data files hashed while written are not read back (on S3: not downloaded)
+            write_manifest(step_dir, known={f"{TRAINER_PART}/{name}": v for name, v in record.file_digests.items()})
         except Exception as e:
             logger.warning("%s: could not write the save record or manifest: %s", step_dir, e)
             errors.append(f"save record/manifest: {one_line(e)}")

@@ -4,7 +4,9 @@
 :func:`write_manifest` records, for every file of a step's parts, its path relative to the
 step directory, its size and an XXH3-64 checksum (:mod:`xxhash`), and writes
 ``<step_dir>/manifest.json`` atomically (:func:`prime_ckpt.storage.atomic_write_bytes`). Call it
-on one process (rank 0) *after* the data is durable (the step is committed).
+on one process (rank 0) *after* the data is durable (the step is committed). A checkpoint's data
+files are hashed by the writer as they are written (:mod:`prime_ckpt.writing`); the post-commit
+manifest takes those digests (``known``) and reads back only what it has none for.
 
 Which files a manifest covers:
 
@@ -103,6 +105,16 @@ def hash_file(path: AnyPath | str, on_bytes: OnBytes | None = None) -> tuple[int
     return size, h.hexdigest()
 
 
+def _size_of(path: AnyPath) -> int | None:
+    """``path``'s size in bytes on its storage (``None`` if it cannot be read)."""
+    try:
+        if is_remote(path):
+            return int(path.fs.size(path.path))
+        return os.stat(path).st_size
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 # -- which files ------------------------------------------------------------------------------
 def is_weights_dir(step_dir: AnyPath) -> bool:
     """Whether ``step_dir`` is a ``weights/step_<N>`` (by its parent's name; elsewhere: it has the
@@ -166,11 +178,18 @@ def files_of_parts(step_dir: AnyPath, kind: str, parts: list[str]) -> list[str]:
 
 
 # -- write ------------------------------------------------------------------------------------
-def write_manifest(step_dir: AnyPath | str, on_bytes: OnBytes | None = None) -> AnyPath:
+def write_manifest(step_dir: AnyPath | str, on_bytes: OnBytes | None = None,
+                   known: dict[str, tuple[int, str]] | None = None) -> AnyPath:
     """Hash every file of the step's parts and write ``<step_dir>/manifest.json`` atomically.
 
     Call on one process (rank 0) after the step's data is durable; an existing manifest is
     replaced. Returns the manifest's path.
+
+    ``known``: ``{path relative to step_dir: (size in bytes, xxh3_64 hex)}`` of files hashed
+    while they were written (the checkpoint writer's digests,
+    :func:`prime_ckpt.writing.file_digests`). Such a file is not read back: its size on storage
+    is checked against the known size (one ``stat``) and, if it matches, the known digest is
+    recorded; a file whose size differs, or that ``known`` does not name, is read and hashed.
 
     Raises:
         FileNotFoundError: ``step_dir`` is not a directory.
@@ -183,9 +202,13 @@ def write_manifest(step_dir: AnyPath | str, on_bytes: OnBytes | None = None) -> 
     kind, parts, files = covered_files(step_dir)
     if not files:
         raise ManifestError(f"{step_dir}: nothing to record (no trainer/, {ORCHESTRATOR_FILE} or weight files)")
+    known = known or {}
     entries = []
     for rel in files:
-        size, digest = hash_file(step_dir / rel, on_bytes)
+        size_digest = known.get(rel)
+        if size_digest is None or _size_of(step_dir / rel) != size_digest[0]:
+            size_digest = hash_file(step_dir / rel, on_bytes)
+        size, digest = size_digest
         entries.append({"path": rel, "size": size, ALGORITHM: digest})
     path = step_dir / MANIFEST_FILE
     atomic_write_bytes(path, build_manifest(kind, step_dir, entries, parts))

@@ -66,6 +66,10 @@ class SaveRecord(StageTimings):
         self.staged: Future[int] = Future()
         self.durable: Future[int] = Future()
         self.committed: Future[int] = Future()
+        #: rank 0, once durable: ``{data file name in trainer/: (size in bytes, xxh3_64 hex)}``
+        #: hashed while written (:func:`prime_ckpt.writing.file_digests`); the post-commit
+        #: manifest uses them instead of reading the files back. Not in ``save_info.json``.
+        self.file_digests: dict[str, tuple[int, str]] = {}
 
     def poll(self) -> str:
         """The last stage reached, without blocking: ``"pending"``, ``"staged"``, ``"durable"``,

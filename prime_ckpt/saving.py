@@ -28,6 +28,7 @@ from prime_ckpt.save_record import SaveRecord
 from prime_ckpt.staging import ReusedBufferStager
 from prime_ckpt.state import Progress, current_rank, ranks_by_value, ranks_text
 from prime_ckpt.storage import AnyPath, is_remote, one_line, remove_tree, set_aside
+from prime_ckpt.writing import file_digests
 
 # the trainer's logger: what users filter on and tests capture
 logger = logging.getLogger("prime_ckpt.trainer")
@@ -181,7 +182,8 @@ def write_sync(sd: dict[str, Any], trainer_dir: AnyPath, record: SaveRecord, gro
                t_call: float) -> None:
     """Write ``sd`` into ``trainer_dir`` with ``dcp.save`` (collective on ``group``; returns once
     durable) and fill ``record``: its bytes and timings (``t_call``: ``perf_counter()`` when
-    ``save()`` was called), its stages up to ``durable``.
+    ``save()`` was called), the data files' digests taken while writing (``file_digests``; on
+    rank 0), its stages up to ``durable``.
 
     Raises:
         CheckpointSaveError: the write failed (on every rank); set on ``record``'s stages too,
@@ -190,7 +192,7 @@ def write_sync(sd: dict[str, Any], trainer_dir: AnyPath, record: SaveRecord, gro
     record.bytes = local_tensor_bytes(sd)  # no collective on the blocking path
     t0 = time.perf_counter()
     try:
-        dcp.save(sd, storage_writer=dcp_writer(trainer_dir, thread_count=write_threads), process_group=group)
+        metadata = dcp.save(sd, storage_writer=dcp_writer(trainer_dir, thread_count=write_threads), process_group=group)
     except BaseException as e:  # DCP's CheckpointException is a BaseException
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
@@ -198,6 +200,7 @@ def write_sync(sd: dict[str, Any], trainer_dir: AnyPath, record: SaveRecord, gro
         err = _save_error(record.step, trainer_dir, e)
         record.failed(err)
         raise err from e
+    record.file_digests = file_digests(metadata)
     record.upload_s = time.perf_counter() - t0
     record.blocking_s = time.perf_counter() - t_call
     record.total_s = record.blocking_s
@@ -212,7 +215,8 @@ def write_async(
     background (``dcp.async_save``, ``async_mode`` ``"thread"`` or ``"process"``, collective on
     ``group``); returns once staged, ``record``'s bytes, blocking timings and ``staged`` stage set.
 
-    When the write ends (on DCP's upload thread) ``record.upload_s`` / ``total_s`` are set, then
+    When the write ends (on DCP's upload thread) ``record.upload_s`` / ``total_s`` (and on rank 0
+    ``record.file_digests``, the data files hashed while written) are set, then
     either ``durable`` is resolved and ``on_durable(record)`` called, or the
     :class:`CheckpointSaveError` (chained to DCP's error) is set on the unresolved stages and
     ``record.error`` holds DCP's error.
@@ -236,6 +240,7 @@ def write_async(
         record.upload_s = now - t0
         record.total_s = now - t_call
         if (exc := fut.exception()) is None:
+            record.file_digests = file_digests(fut.result())
             # Upload completion on rank 0 means .metadata is written: the step is committed.
             record.stage_reached("durable")
             on_durable(record)

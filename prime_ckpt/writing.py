@@ -24,11 +24,19 @@ DCP's own path is kept whenever this one would not be the same thing: a writer w
 transforms (extensions) or safetensors serialization, one file per item
 (``single_file_per_rank=False``), a tensor not on the CPU (a sync save on a GPU: DCP overlaps
 the device-to-host copies with the write), or a torch whose zip writer lacks the CRC switch.
+
+Each file is hashed (XXH3-64, the manifest's algorithm) from the bytes as they are written, on
+the writer thread (:mod:`xxhash` releases the interpreter lock). The digests reach rank 0 with
+DCP's gathered write results and come back from ``dcp.save`` / the async upload future on the
+returned ``Metadata`` (:func:`file_digests`), after ``.metadata`` is on disk without them; the
+post-commit manifest then uses them instead of reading the step back (on S3: instead of
+downloading it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import pickle
@@ -37,10 +45,78 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
+import xxhash
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 
 #: the suffix of DCP's data files
 DISTCP_SUFFIX = ".distcp"
+
+
+#: the attribute of DCP's ``Metadata`` (as ``dcp.save`` returns it, never on disk) that holds
+#: :func:`file_digests`
+DIGESTS_ATTR = "prime_ckpt_file_digests"
+
+
+def file_digests(metadata: Any) -> dict[str, tuple[int, str]]:
+    """``{file name relative to the checkpoint directory: (size in bytes, xxh3_64 hex digest)}``
+    of the data files a :class:`DirectWriteMixin` writer hashed while writing them, from the
+    ``Metadata`` that ``dcp.save`` (or an async save's upload future) returned; ``{}`` when it
+    holds none (another writer, DCP's fallback path, ``.metadata`` itself)."""
+    return dict(getattr(metadata, DIGESTS_ATTR, None) or {})
+
+
+class _HashingStream:
+    """A write-through view of a binary ``stream`` that hashes (XXH3-64) every byte written, in
+    order. :attr:`digest` is ``None`` once anything but appending happened (a seek, a short
+    write), so a digest is only ever given for exactly the bytes of the file."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._hash = xxhash.xxh3_64()
+        self._start = stream.tell()
+        self.nbytes = 0
+        self._valid = self._start == 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        n = self._stream.write(view)
+        if n is not None and n != view.nbytes:
+            self._valid = False
+        self._hash.update(view)
+        self.nbytes += view.nbytes
+        return view.nbytes if n is None else n
+
+    def tell(self) -> int:
+        return self._stream.tell()
+
+    def seek(self, *args: Any) -> int:
+        self._valid = False
+        return self._stream.seek(*args)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def digest(self) -> str | None:
+        """The hex digest of the file's bytes, or ``None`` if they are not exactly what was hashed."""
+        if not self._valid or self._stream.tell() != self.nbytes:
+            return None
+        return self._hash.hexdigest()
+
+
+def _storage_info_with_digest(info: Any, size: int, digest: str) -> Any:
+    """``info`` (DCP's ``_StorageInfo``) carrying its file's size and digest to rank 0."""
+    out = _DigestedStorageInfo(**{f.name: getattr(info, f.name) for f in dataclasses.fields(info)})
+    out.file_size, out.file_xxh3 = size, digest
+    return out
+
+
+def _plain_storage_info(info: Any) -> Any:
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    return _StorageInfo(**{f.name: getattr(info, f.name) for f in dataclasses.fields(_StorageInfo)})
 
 
 def _item_bytes(item: WriteItem) -> int:
@@ -170,7 +246,8 @@ class DirectWriteMixin:
 
         results = []
         alignment = torch.serialization._get_storage_alignment() if _NO_CRC else None
-        with self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as stream:
+        with self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as raw:
+            stream = _HashingStream(raw)
             for it in items:
                 value = resolved.pop(id(it), None)
                 if value is None:
@@ -194,12 +271,48 @@ class DirectWriteMixin:
                     os.fsync(stream.fileno())
                 except (AttributeError, io.UnsupportedOperation):
                     os.sync()
+            digest = stream.digest()
+        if results and digest is not None:  # the file's size and digest ride on its last result
+            last = results[-1]
+            results[-1] = WriteResult(index=last.index, size_in_bytes=last.size_in_bytes,
+                                      storage_data=_storage_info_with_digest(last.storage_data, stream.nbytes, digest))
         return results
+
+    def finish(self, metadata: Any, results: list[list[Any]]) -> None:  # noqa: D102 (DCP's signature)
+        """DCP's ``finish`` (rank 0 writes ``.metadata``) on plain write results; then the digests
+        the ranks' results carried are set on ``metadata`` (:func:`file_digests`): after the write,
+        so ``.metadata`` on disk is exactly what DCP's writer would have written."""
+        from torch.distributed.checkpoint.storage import WriteResult
+
+        digests: dict[str, tuple[int, str]] = {}
+        plain: list[list[Any]] = []
+        for rank_results in results:
+            out = []
+            for wr in rank_results:
+                info = wr.storage_data
+                if isinstance(info, _DigestedStorageInfo):
+                    digests[info.relative_path] = (info.file_size, info.file_xxh3)
+                    wr = WriteResult(index=wr.index, size_in_bytes=wr.size_in_bytes, storage_data=_plain_storage_info(info))
+                out.append(wr)
+            plain.append(out)
+        super().finish(metadata, plain)  # type: ignore[misc]
+        with contextlib.suppress(AttributeError, TypeError):  # a Metadata that takes no attributes: no digests
+            setattr(metadata, DIGESTS_ATTR, digests)
 
 
 # The writers dcp_io.dcp_writer hands to DCP: module-level classes, so a process-mode async save
 # can pickle them into its writer process.
 from torch.distributed.checkpoint import FileSystemWriter  # noqa: E402
+from torch.distributed.checkpoint.filesystem import _StorageInfo  # noqa: E402
+
+
+class _DigestedStorageInfo(_StorageInfo):
+    """DCP's ``_StorageInfo`` plus the size and XXH3-64 digest of its whole file, on the way to
+    rank 0 only: :meth:`DirectWriteMixin.finish` turns it back into a plain ``_StorageInfo``
+    before ``.metadata`` is written (a checkpoint never needs prime-ckpt to be read)."""
+
+    file_size: int = 0
+    file_xxh3: str = ""
 
 
 class DirectFileSystemWriter(DirectWriteMixin, FileSystemWriter):

@@ -301,3 +301,22 @@ def test_verifying_a_run_scans_it_once_for_the_parts_not_once_per_step(tmp_path,
     one_by_one = [verify_step(tmp_path / "checkpoints" / f"step_{s}", allow_missing_manifest=True) for s in range(1, 7)]
     assert [r.to_dict() for r in reports] == [r.to_dict() for r in one_by_one]
     assert [r.status for r in reports] == ["ok", "ok", "incomplete", "ok", "ok", "ok"]
+
+
+def test_write_manifest_trusts_a_known_digest_only_at_the_files_size(tmp_path, monkeypatch):
+    step = tmp_path / "checkpoints" / "step_2"
+    (step / "trainer").mkdir(parents=True)
+    (step / "trainer" / "__0_0.distcp").write_bytes(b"x" * 100)
+    (step / "trainer" / ".metadata").write_bytes(b"m" * 10)
+    hashed: list[str] = []
+    real = manifest_record_mod.hash_file
+    monkeypatch.setattr(manifest_record_mod, "hash_file", lambda p, *a, **k: hashed.append(p.name) or real(p, *a, **k))
+    write_manifest(step, known={"trainer/__0_0.distcp": (100, "0123456789abcdef")})
+    entries = {f["path"]: f for f in read_manifest(step)["files"]}
+    assert hashed == [".metadata"] and entries["trainer/__0_0.distcp"]["xxh3_64"] == "0123456789abcdef"
+    # a known size that is not the file's: read and hashed, the real digest recorded
+    hashed.clear()
+    write_manifest(step, known={"trainer/__0_0.distcp": (99, "0123456789abcdef")})
+    entries = {f["path"]: f for f in read_manifest(step)["files"]}
+    assert sorted(hashed) == [".metadata", "__0_0.distcp"]
+    assert entries["trainer/__0_0.distcp"]["xxh3_64"] == xxhash.xxh3_64_hexdigest(b"x" * 100)

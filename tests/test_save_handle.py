@@ -123,3 +123,30 @@ def test_the_old_pattern_save_then_wait_still_works(tmp_path, gloo1):
     finally:
         ck.close()
     assert _files(tmp_path / "checkpoints" / "step_5") == [".metadata", "__0_0.distcp"]
+
+
+@pytest.mark.parametrize("save_async", [False, True])
+def test_the_manifest_takes_the_digests_taken_while_writing_and_reads_no_data_file_back(tmp_path, gloo1, monkeypatch,
+                                                                                         save_async):
+    import xxhash
+
+    import prime_ckpt.manifest_record as manifest_record
+    from prime_ckpt.manifest import read_manifest
+
+    read_back: list[str] = []
+    real_hash_file = manifest_record.hash_file
+    monkeypatch.setattr(manifest_record, "hash_file", lambda p, *a, **k: read_back.append(p.name) or real_hash_file(p, *a, **k))
+    ck = Checkpointer(tmp_path, CheckpointConfig(interval=1, save_async=save_async, write_threads=2))
+    try:
+        rec = ck.save(5, _state())
+        ck.flush()
+    finally:
+        ck.close()
+    step = tmp_path / "checkpoints" / "step_5"
+    assert sorted(rec.file_digests) == ["__0_0.distcp", "__0_1.distcp"]
+    assert read_back == [".metadata"]  # only the file DCP wrote itself is read back
+    m = read_manifest(step)
+    assert [f["path"] for f in m["files"]] == ["trainer/.metadata", "trainer/__0_0.distcp", "trainer/__0_1.distcp"]
+    for f in m["files"]:  # and every digest is the file's
+        data = (step / f["path"]).read_bytes()
+        assert (f["size"], f["xxh3_64"]) == (len(data), xxhash.xxh3_64_hexdigest(data))

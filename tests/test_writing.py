@@ -226,3 +226,44 @@ def test_a_blob_the_quick_check_cannot_confirm_is_still_read_directly(tmp_path):
     dcp.load(out, storage_reader=reader, no_dist=True)
     assert torch.equal(out["w"], sd["w"])
     assert (reader.direct_items, reader.fallback_items) == (1, 0)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_each_data_file_is_hashed_while_written_and_metadata_stays_dcps(tmp_path, threads):
+    import pickle
+
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    from prime_ckpt.manifest import hash_file
+    from prime_ckpt.writing import DIGESTS_ATTR, file_digests
+
+    md = dcp.save(_state(), storage_writer=dcp_writer(tmp_path, thread_count=threads), no_dist=True)
+    digests = file_digests(md)
+    assert sorted(digests) == [f"__0_{n}.distcp" for n in range(threads)]
+    for name, size_digest in digests.items():
+        assert size_digest == hash_file(tmp_path / name)
+    # .metadata on disk: exactly DCP's (plain _StorageInfo, no digests): readable without prime-ckpt
+    with open(tmp_path / ".metadata", "rb") as f:
+        on_disk = pickle.load(f)
+    assert not hasattr(on_disk, DIGESTS_ATTR)
+    assert {type(info) for info in on_disk.storage_data.values()} == {_StorageInfo}
+    # DCP's own writer gives no digests (nothing to trust): the manifest reads its files back
+    assert file_digests(dcp.save(_state(), storage_writer=FileSystemWriter(tmp_path / "dcp"), no_dist=True)) == {}
+
+
+def test_a_stream_that_was_not_only_appended_to_gives_no_digest():
+    from prime_ckpt.writing import _HashingStream
+
+    buf = io.BytesIO()
+    s = _HashingStream(buf)
+    s.write(b"abc")
+    s.write(memoryview(b"defg"))
+    import xxhash
+
+    assert s.digest() == xxhash.xxh3_64_hexdigest(b"abcdefg") and s.nbytes == 7
+    s.seek(1)
+    s.write(b"X")
+    assert s.digest() is None
+    late = io.BytesIO(b"already here")
+    late.seek(0, 2)
+    assert _HashingStream(late).digest() is None  # started mid-file: not the whole file's bytes
