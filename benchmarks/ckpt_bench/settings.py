@@ -26,7 +26,7 @@ def build_parser(description: str = DESCRIPTION) -> argparse.ArgumentParser:
     p.add_argument("--s3-max-size", default="1G", help="run S3 cases only for sizes up to this (moto is slow; default 1G)")
     p.add_argument("--no-process", action="store_true", help="skip Checkpointer async process mode")
     p.add_argument("--step-size", default=None, help="state size of the step-overhead loop (default 64M)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per mode in the step-overhead loop (default 100; --quick 20)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per mode in the step-overhead loop (default 300; --quick 20)")
     p.add_argument("--rss-saves", type=int, default=None, help="consecutive async saves for the RSS drift check (default 20; --quick 4)")
     p.add_argument("--rss-size", default=None, help="state size of the RSS checks (default: largest size <= 1G)")
     p.add_argument("--no-titan", action="store_true",
@@ -106,7 +106,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         s3_max_size=parse_size(a.s3_max_size),
         process_mode=not a.no_process,
         step_size=parse_size(a.step_size) if a.step_size else (min(sizes) if a.quick else 64 * MiB),
-        steps=a.steps if a.steps is not None else (20 if a.quick else 100),
+        steps=a.steps if a.steps is not None else (20 if a.quick else 300),
         rss_saves=a.rss_saves if a.rss_saves is not None else (4 if a.quick else 20),
         rss_size=parse_size(a.rss_size) if a.rss_size else rss_default,
         timeout=a.timeout,
