@@ -41,6 +41,7 @@ one uncached listing and read through fsspec; see :mod:`prime_ckpt.storage`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
 import time
@@ -69,6 +70,8 @@ from prime_ckpt.storage import (
     list_tree,
     to_path,
 )
+
+logger = logging.getLogger(__name__)
 
 SCHEMA = "prime-ckpt.manifest/1"
 ALGORITHM = "xxh3_64"
@@ -189,7 +192,8 @@ def write_manifest(step_dir: AnyPath | str, on_bytes: OnBytes | None = None,
     while they were written (the checkpoint writer's digests,
     :func:`prime_ckpt.writing.file_digests`). Such a file is not read back: its size on storage
     is checked against the known size (one ``stat``) and, if it matches, the known digest is
-    recorded; a file whose size differs, or that ``known`` does not name, is read and hashed.
+    recorded; a file whose size differs (logged as a warning: storage does not hold what was
+    written), or that ``known`` does not name, is read and hashed.
 
     Raises:
         FileNotFoundError: ``step_dir`` is not a directory.
@@ -206,7 +210,11 @@ def write_manifest(step_dir: AnyPath | str, on_bytes: OnBytes | None = None,
     entries = []
     for rel in files:
         size_digest = known.get(rel)
-        if size_digest is None or _size_of(step_dir / rel) != size_digest[0]:
+        if size_digest is not None and (on_storage := _size_of(step_dir / rel)) != size_digest[0]:
+            logger.warning("%s: %s bytes on storage, %d written: recording what is there now (hashed again)",
+                           step_dir / rel, on_storage, size_digest[0])
+            size_digest = None
+        if size_digest is None:
             size_digest = hash_file(step_dir / rel, on_bytes)
         size, digest = size_digest
         entries.append({"path": rel, "size": size, ALGORITHM: digest})

@@ -303,7 +303,7 @@ def test_verifying_a_run_scans_it_once_for_the_parts_not_once_per_step(tmp_path,
     assert [r.status for r in reports] == ["ok", "ok", "incomplete", "ok", "ok", "ok"]
 
 
-def test_write_manifest_trusts_a_known_digest_only_at_the_files_size(tmp_path, monkeypatch):
+def test_write_manifest_trusts_a_known_digest_only_at_the_files_size(tmp_path, monkeypatch, caplog):
     step = tmp_path / "checkpoints" / "step_2"
     (step / "trainer").mkdir(parents=True)
     (step / "trainer" / "__0_0.distcp").write_bytes(b"x" * 100)
@@ -316,7 +316,9 @@ def test_write_manifest_trusts_a_known_digest_only_at_the_files_size(tmp_path, m
     assert hashed == [".metadata"] and entries["trainer/__0_0.distcp"]["xxh3_64"] == "0123456789abcdef"
     # a known size that is not the file's: read and hashed, the real digest recorded
     hashed.clear()
+    caplog.set_level("WARNING", logger="prime_ckpt.manifest_record")
     write_manifest(step, known={"trainer/__0_0.distcp": (99, "0123456789abcdef")})
+    assert "100 bytes on storage, 99 written" in caplog.text
     entries = {f["path"]: f for f in read_manifest(step)["files"]}
     assert sorted(hashed) == [".metadata", "__0_0.distcp"]
     assert entries["trainer/__0_0.distcp"]["xxh3_64"] == xxhash.xxh3_64_hexdigest(b"x" * 100)
