@@ -15,7 +15,7 @@ import torch
 from examples.reverse_text.inference import InferenceClient
 from examples.reverse_text.model import ModelConfig, build_model
 from examples.reverse_text.task import EOS, PAD, build_tokenizer, prompt_tokens, sample_problems
-from prime_ckpt.layout import latest_complete_step
+from prime_ckpt.layout import RUN_PARTS, resolve_resume_step
 from prime_ckpt.publisher import WeightsPublisher
 from tests.conftest import _env, kill_tree, run_proc
 
@@ -87,19 +87,25 @@ def test_kill_and_resume_with_the_server_running(vllm_server, tmp_path):
     proc = subprocess.Popen(_rl(out, vllm_server.url, *ckpt), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                             env=_env(), cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
     deadline = time.monotonic() + 400
+
+    def resumable() -> int | None:
+        # what --ckpt.resume-step -1 will pick: a complete checkpoint step whose weights
+        # [x - 2, x] are complete too (a checkpoint can complete before its step's weights)
+        return resolve_resume_step(out, -1, RUN_PARTS, async_level=2)
+
     try:
-        while (latest_complete_step(out) or 0) < 4:
+        while (resumable() or 0) < 4:
             assert proc.poll() is None, f"run exited early ({proc.returncode})"
             assert time.monotonic() < deadline, "no checkpoint step 4 in time"
             time.sleep(0.05)
     finally:
         kill_tree(proc.pid)  # SIGKILL, whole job
         proc.wait()
-    x = latest_complete_step(out)
+    x = resumable()
     assert x is not None and x >= 4
     served_before = InferenceClient(vllm_server.url).loaded_step()
     resumed = run_proc(_rl(out, vllm_server.url, *ckpt, "--ckpt.resume-step", "-1"), timeout=400)
-    assert f"resuming from checkpoint step {x}" in resumed.stdout
+    assert f"resuming from checkpoint step {x}" in resumed.stdout, resumed.stdout[-3000:]
     assert (f"inference server served weights step {served_before}; now serves step {x - 2} "
             f"(resume from checkpoint step {x}, async level 2)") in resumed.stdout, resumed.stdout[-3000:]
     assert vllm_server.proc.poll() is None and vllm_server.proc.pid == pid  # never restarted
