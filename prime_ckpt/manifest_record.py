@@ -111,9 +111,7 @@ def hash_file(path: AnyPath | str, on_bytes: OnBytes | None = None) -> tuple[int
 def _size_of(path: AnyPath) -> int | None:
     """``path``'s size in bytes on its storage (``None`` if it cannot be read)."""
     try:
-        if is_remote(path):
-            return int(path.fs.size(path.path))
-        return os.stat(path).st_size
+        return path.stat().st_size  # as verify reads it (a local Path or a UPath)
     except (OSError, ValueError, TypeError):
         return None
 

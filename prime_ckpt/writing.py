@@ -73,9 +73,8 @@ class _HashingStream:
     def __init__(self, stream: Any) -> None:
         self._stream = stream
         self._hash = xxhash.xxh3_64()
-        self._start = stream.tell()
         self.nbytes = 0
-        self._valid = self._start == 0
+        self._valid = stream.tell() == 0  # a stream opened mid-file: its digest would not be the file's
 
     def write(self, data: Any) -> int:
         view = memoryview(data)
@@ -106,17 +105,9 @@ class _HashingStream:
         return self._hash.hexdigest()
 
 
-def _storage_info_with_digest(info: Any, size: int, digest: str) -> Any:
-    """``info`` (DCP's ``_StorageInfo``) carrying its file's size and digest to rank 0."""
-    out = _DigestedStorageInfo(**{f.name: getattr(info, f.name) for f in dataclasses.fields(info)})
-    out.file_size, out.file_xxh3 = size, digest
-    return out
-
-
-def _plain_storage_info(info: Any) -> Any:
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
-
-    return _StorageInfo(**{f.name: getattr(info, f.name) for f in dataclasses.fields(_StorageInfo)})
+def _storage_info_as(cls: type, info: Any) -> Any:
+    """A ``cls`` (DCP's ``_StorageInfo`` or :class:`_DigestedStorageInfo`) with ``info``'s fields."""
+    return cls(**{f.name: getattr(info, f.name) for f in dataclasses.fields(_StorageInfo)})
 
 
 def _item_bytes(item: WriteItem) -> int:
@@ -241,7 +232,6 @@ class DirectWriteMixin:
         return fut
 
     def _write_file(self, name: str, items: list[WriteItem], planner: SavePlanner, resolved: dict[int, Any]) -> list[Any]:
-        from torch.distributed.checkpoint.filesystem import _StorageInfo
         from torch.distributed.checkpoint.storage import WriteResult
 
         results = []
@@ -274,8 +264,9 @@ class DirectWriteMixin:
             digest = stream.digest()
         if results and digest is not None:  # the file's size and digest ride on its last result
             last = results[-1]
-            results[-1] = WriteResult(index=last.index, size_in_bytes=last.size_in_bytes,
-                                      storage_data=_storage_info_with_digest(last.storage_data, stream.nbytes, digest))
+            info = _storage_info_as(_DigestedStorageInfo, last.storage_data)
+            info.file_size, info.file_xxh3 = stream.nbytes, digest
+            results[-1] = WriteResult(index=last.index, size_in_bytes=last.size_in_bytes, storage_data=info)
         return results
 
     def finish(self, metadata: Any, results: list[list[Any]]) -> None:  # noqa: D102 (DCP's signature)
@@ -292,7 +283,7 @@ class DirectWriteMixin:
                 info = wr.storage_data
                 if isinstance(info, _DigestedStorageInfo):
                     digests[info.relative_path] = (info.file_size, info.file_xxh3)
-                    wr = WriteResult(index=wr.index, size_in_bytes=wr.size_in_bytes, storage_data=_plain_storage_info(info))
+                    wr = WriteResult(index=wr.index, size_in_bytes=wr.size_in_bytes, storage_data=_storage_info_as(_StorageInfo, info))
                 out.append(wr)
             plain.append(out)
         super().finish(metadata, plain)  # type: ignore[misc]
